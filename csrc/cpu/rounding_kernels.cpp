@@ -1,0 +1,248 @@
+// CPU kernels of the rounding ops (schemas in csrc/rounding_ops.cpp).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "../grid.h"
+#include "../rounding_math.h"
+#include "cpu_loops.h"
+
+namespace adaround::cpu {
+namespace {
+
+using at::Tensor;
+
+template <typename scalar_t>
+using opmath_t = at::opmath_type<scalar_t>;
+
+Tensor soft_quantize_cpu(const Tensor& weight, const Tensor& v, const Tensor& scale,
+                         const std::optional<Tensor>& zero_point, int64_t quant_min,
+                         int64_t quant_max, std::optional<int64_t> axis) {
+  const QuantGrid grid = make_grid(weight, scale, zero_point, quant_min, quant_max, axis);
+  check_rounding_variable(weight, v, "v");
+  const Tensor w = weight.contiguous();
+  const Tensor vc = v.contiguous();
+  Tensor out = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "soft_quantize_cpu", [&] {
+    using T = opmath_t<scalar_t>;
+    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
+    const T* v_ptr = vc.const_data_ptr<T>();
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    const T* s_ptr = grid.scale.const_data_ptr<T>();
+    const T* z_ptr = grid.zero_point.const_data_ptr<T>();
+    const T qmin = T(grid.qmin), qmax = T(grid.qmax);
+    for_each_channel_run(w.numel(), grid.inner, grid.channels, [&](int64_t b, int64_t e, int64_t c) {
+      const T s = s_ptr[c], z = z_ptr[c];
+      vectorized_run<scalar_t>(
+          b, e,
+          [&](int64_t i) {
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              const FloatVec sv(s);
+              const FloatVec base = (FloatVec::loadu(w_ptr + i) / sv).floor() + FloatVec(z);
+              const FloatVec h = rectified_sigmoid<FloatVec, VecOps>(FloatVec::loadu(v_ptr + i));
+              soft_quantize<FloatVec, VecOps>(base, h, sv, FloatVec(z), FloatVec(qmin), FloatVec(qmax))
+                  .store(out_ptr + i);
+            }
+          },
+          [&](int64_t i) {
+            const T base = std::floor(T(w_ptr[i]) / s) + z;
+            out_ptr[i] = scalar_t(soft_quantize<T>(base, rectified_sigmoid<T>(v_ptr[i]), s, z, qmin, qmax));
+          });
+    });
+  });
+  return out;
+}
+
+Tensor soft_quantize_backward_cpu(const Tensor& grad_output, const Tensor& weight, const Tensor& v,
+                                  const Tensor& scale, const std::optional<Tensor>& zero_point,
+                                  int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis) {
+  const QuantGrid grid = make_grid(weight, scale, zero_point, quant_min, quant_max, axis);
+  check_rounding_variable(weight, v, "v");
+  TORCH_CHECK(grad_output.sizes() == weight.sizes(), "grad_output must have the shape of weight ",
+              weight.sizes(), ", got ", grad_output.sizes());
+  const Tensor w = weight.contiguous();
+  const Tensor vc = v.contiguous();
+  const Tensor g = grad_output.to(w.scalar_type()).contiguous();
+  Tensor grad_v = at::empty_like(vc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "soft_quantize_backward_cpu", [&] {
+    using T = opmath_t<scalar_t>;
+    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
+    const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
+    const T* v_ptr = vc.const_data_ptr<T>();
+    T* out_ptr = grad_v.mutable_data_ptr<T>();
+    const T* s_ptr = grid.scale.const_data_ptr<T>();
+    const T* z_ptr = grid.zero_point.const_data_ptr<T>();
+    const T qmin = T(grid.qmin), qmax = T(grid.qmax);
+    for_each_channel_run(w.numel(), grid.inner, grid.channels, [&](int64_t b, int64_t e, int64_t c) {
+      const T s = s_ptr[c], z = z_ptr[c];
+      vectorized_run<scalar_t>(
+          b, e,
+          [&](int64_t i) {
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              const FloatVec sv(s);
+              const FloatVec base = (FloatVec::loadu(w_ptr + i) / sv).floor() + FloatVec(z);
+              const FloatVec vv = FloatVec::loadu(v_ptr + i);
+              const FloatVec h = rectified_sigmoid<FloatVec, VecOps>(vv);
+              const FloatVec dh = rectified_sigmoid_grad<FloatVec, VecOps>(vv);
+              (FloatVec::loadu(g_ptr + i) *
+               soft_quantize_grad<FloatVec, VecOps>(base, h, dh, sv, FloatVec(qmin), FloatVec(qmax)))
+                  .store(out_ptr + i);
+            }
+          },
+          [&](int64_t i) {
+            const T base = std::floor(T(w_ptr[i]) / s) + z;
+            const T vi = v_ptr[i];
+            out_ptr[i] = T(g_ptr[i]) * soft_quantize_grad<T>(base, rectified_sigmoid<T>(vi),
+                                                             rectified_sigmoid_grad<T>(vi), s, qmin, qmax);
+          });
+    });
+  });
+  return grad_v;
+}
+
+void check_regularizer_args(const Tensor& v, double beta) {
+  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
+              "v must be float32 or float64, got ", v.scalar_type());
+  TORCH_CHECK(std::isfinite(beta) && beta >= 1.0, "beta must be finite and >= 1, got ", beta);
+}
+
+Tensor round_regularizer_cpu(const Tensor& v, double beta) {
+  check_regularizer_args(v, beta);
+  const Tensor vc = v.contiguous();
+  Tensor total;
+  AT_DISPATCH_FLOATING_TYPES(vc.scalar_type(), "round_regularizer_cpu", [&] {
+    using T = scalar_t;
+    const T* v_ptr = vc.const_data_ptr<T>();
+    const T b = T(beta);
+    // Sum in double per chunk, then over chunks: stable and independent of the thread count.
+    const double sum = at::parallel_reduce(
+        0, vc.numel(), kGrainSize, 0.0,
+        [&](int64_t begin, int64_t end, double acc) {
+          double local = 0.0;
+          vectorized_run<T>(
+              begin, end,
+              [&](int64_t i) {
+                if constexpr (std::is_same_v<T, float>) {
+                  const FloatVec h = rectified_sigmoid<FloatVec, VecOps>(FloatVec::loadu(v_ptr + i));
+                  float lanes[FloatVec::size()];
+                  regularizer_term<FloatVec, VecOps>(h, FloatVec(b)).store(lanes);
+                  for (float x : lanes) local += x;
+                }
+              },
+              [&](int64_t i) { local += regularizer_term<T>(rectified_sigmoid<T>(v_ptr[i]), b); });
+          return acc + local;
+        },
+        std::plus<double>());
+    total = at::scalar_tensor(sum, vc.options());
+  });
+  return total;
+}
+
+Tensor round_regularizer_backward_cpu(const Tensor& grad_output, const Tensor& v, double beta) {
+  check_regularizer_args(v, beta);
+  TORCH_CHECK(grad_output.numel() == 1, "grad_output must be a scalar, got shape ", grad_output.sizes());
+  const Tensor vc = v.contiguous();
+  Tensor grad_v = at::empty_like(vc);
+  AT_DISPATCH_FLOATING_TYPES(vc.scalar_type(), "round_regularizer_backward_cpu", [&] {
+    using T = scalar_t;
+    const T* v_ptr = vc.const_data_ptr<T>();
+    T* out_ptr = grad_v.mutable_data_ptr<T>();
+    const T g = grad_output.item<T>();
+    const T b = T(beta);
+    at::parallel_for(0, vc.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
+      vectorized_run<T>(
+          begin, end,
+          [&](int64_t i) {
+            if constexpr (std::is_same_v<T, float>) {
+              const FloatVec vv = FloatVec::loadu(v_ptr + i);
+              const FloatVec h = rectified_sigmoid<FloatVec, VecOps>(vv);
+              const FloatVec dh = rectified_sigmoid_grad<FloatVec, VecOps>(vv);
+              (FloatVec(g) * regularizer_grad<FloatVec, VecOps>(h, dh, FloatVec(b))).store(out_ptr + i);
+            }
+          },
+          [&](int64_t i) {
+            const T vi = v_ptr[i];
+            out_ptr[i] = g * regularizer_grad<T>(rectified_sigmoid<T>(vi), rectified_sigmoid_grad<T>(vi), b);
+          });
+    });
+  });
+  return grad_v;
+}
+
+std::tuple<Tensor, Tensor> hard_quantize_cpu(const Tensor& weight, const Tensor& scale,
+                                             const std::optional<Tensor>& zero_point, int64_t quant_min,
+                                             int64_t quant_max, std::optional<int64_t> axis,
+                                             c10::string_view mode_name, const std::optional<Tensor>& v,
+                                             const std::optional<Tensor>& noise) {
+  const QuantGrid grid = make_grid(weight, scale, zero_point, quant_min, quant_max, axis);
+  const RoundingMode mode = parse_rounding_mode(std::string(mode_name));
+  const Tensor w = weight.contiguous();
+  Tensor aux;
+  if (mode == RoundingMode::kAdaptive) {
+    TORCH_CHECK(v.has_value(), "mode='adaptive' needs v");
+    check_rounding_variable(weight, *v, "v");
+    aux = v->contiguous();
+  } else if (mode == RoundingMode::kStochastic) {
+    TORCH_CHECK(noise.has_value(), "mode='stochastic' needs noise (uniform samples in [0, 1))");
+    check_rounding_variable(weight, *noise, "noise");
+    aux = noise->contiguous();
+  }
+  Tensor codes = at::empty(w.sizes(), w.options().dtype(code_dtype(quant_min, quant_max)));
+  Tensor dequant = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "hard_quantize_cpu", [&] {
+    using T = opmath_t<scalar_t>;
+    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
+    const T* aux_ptr = aux.defined() ? aux.const_data_ptr<T>() : nullptr;
+    scalar_t* dq_ptr = dequant.mutable_data_ptr<scalar_t>();
+    const T* s_ptr = grid.scale.const_data_ptr<T>();
+    const T* z_ptr = grid.zero_point.const_data_ptr<T>();
+    const T qmin = T(grid.qmin), qmax = T(grid.qmax);
+    AT_DISPATCH_INTEGRAL_TYPES(codes.scalar_type(), "hard_quantize_cpu_codes", [&] {
+      scalar_t* code_ptr = codes.mutable_data_ptr<scalar_t>();
+      for_each_channel_run(w.numel(), grid.inner, grid.channels, [&](int64_t b, int64_t e, int64_t c) {
+        const T s = s_ptr[c], z = z_ptr[c];
+        for (int64_t i = b; i < e; ++i) {
+          const T code = hard_code<T>(mode, T(w_ptr[i]) / s, aux_ptr ? aux_ptr[i] : T(0), z, qmin, qmax);
+          code_ptr[i] = static_cast<scalar_t>(code);
+          dq_ptr[i] = dequantize<T>(code, s, z);
+        }
+      });
+    });
+  });
+  return {codes, dequant};
+}
+
+Tensor init_v_cpu(const Tensor& weight, const Tensor& scale, std::optional<int64_t> axis) {
+  // The grid range does not matter for the fractional part; any valid range passes the checks.
+  const QuantGrid grid = make_grid(weight, scale, std::nullopt, 0, 255, axis);
+  const Tensor w = weight.contiguous();
+  Tensor v = at::empty(w.sizes(), w.options().dtype(compute_dtype(w.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "init_v_cpu", [&] {
+    using T = opmath_t<scalar_t>;
+    const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
+    T* v_ptr = v.mutable_data_ptr<T>();
+    const T* s_ptr = grid.scale.const_data_ptr<T>();
+    for_each_channel_run(w.numel(), grid.inner, grid.channels, [&](int64_t b, int64_t e, int64_t c) {
+      const T s = s_ptr[c];
+      for (int64_t i = b; i < e; ++i) {
+        const T x = T(w_ptr[i]) / s;
+        v_ptr[i] = inverse_rectified_sigmoid<T>(x - std::floor(x));
+      }
+    });
+  });
+  return v;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adaround, CPU, m) {
+  m.impl("soft_quantize", &soft_quantize_cpu);
+  m.impl("soft_quantize_backward", &soft_quantize_backward_cpu);
+  m.impl("round_regularizer", &round_regularizer_cpu);
+  m.impl("round_regularizer_backward", &round_regularizer_backward_cpu);
+  m.impl("hard_quantize", &hard_quantize_cpu);
+  m.impl("init_v", &init_v_cpu);
+}
+
+}  // namespace adaround::cpu

@@ -1,0 +1,101 @@
+// CPU kernels of the optimisation-step ops (schemas in csrc/step_ops.cpp).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../grid.h"
+#include "../rounding_math.h"
+#include "../step_checks.h"
+#include "cpu_loops.h"
+
+namespace adaround::cpu {
+namespace {
+
+using at::Tensor;
+
+Tensor reconstruction_grad_cpu(const Tensor& pre, const Tensor& target, c10::string_view activation,
+                               double norm) {
+  const Activation act = parse_activation(std::string(activation));
+  TORCH_CHECK(pre.sizes() == target.sizes(), "target must have the shape of pre_activation ",
+              pre.sizes(), ", got ", target.sizes());
+  TORCH_CHECK(pre.scalar_type() == target.scalar_type(), "target must be ", pre.scalar_type(), ", got ",
+              target.scalar_type());
+  const Tensor p = pre.contiguous();
+  const Tensor t = target.contiguous();
+  Tensor grad = at::empty_like(p);
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "reconstruction_grad_cpu", [&] {
+    const scalar_t* p_ptr = p.const_data_ptr<scalar_t>();
+    const scalar_t* t_ptr = t.const_data_ptr<scalar_t>();
+    scalar_t* g_ptr = grad.mutable_data_ptr<scalar_t>();
+    const scalar_t n = scalar_t(norm);
+    at::parallel_for(0, p.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) g_ptr[i] = reconstruction_grad<scalar_t>(act, p_ptr[i], t_ptr[i], n);
+    });
+  });
+  return grad;
+}
+
+void adam_rounding_step_cpu(Tensor& v, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& soft_weight,
+                            const Tensor& grad, const Tensor& grid_base, const Tensor& scale,
+                            const Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                            std::optional<int64_t> axis, double reg_lambda, double beta, double lr,
+                            double beta1, double beta2, double eps, int64_t step) {
+  const StepArgs args = check_step_args(v, exp_avg, exp_avg_sq, soft_weight, grad, grid_base, scale,
+                                        zero_point, quant_min, quant_max, axis, lr, beta1, beta2, eps, step);
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "adam_rounding_step_cpu", [&] {
+    using T = scalar_t;
+    T* v_ptr = v.mutable_data_ptr<T>();
+    T* m_ptr = exp_avg.mutable_data_ptr<T>();
+    T* m2_ptr = exp_avg_sq.mutable_data_ptr<T>();
+    T* w_ptr = soft_weight.mutable_data_ptr<T>();
+    const T* g_ptr = grad.const_data_ptr<T>();
+    const T* base_ptr = grid_base.const_data_ptr<T>();
+    const T* s_ptr = args.grid.scale.const_data_ptr<T>();
+    const T* z_ptr = args.grid.zero_point.const_data_ptr<T>();
+    const T qmin = T(quant_min), qmax = T(quant_max), lam = T(reg_lambda), b = T(beta);
+    const AdamStep& adam = args.adam;
+    for_each_channel_run(v.numel(), args.grid.inner, args.grid.channels, [&](int64_t begin, int64_t end, int64_t c) {
+      const T s = s_ptr[c], z = z_ptr[c];
+      vectorized_run<T>(
+          begin, end,
+          [&](int64_t i) {
+            if constexpr (std::is_same_v<T, float>) {
+              using V = FloatVec;
+              const V sv(s), zv(z), lo(qmin), hi(qmax);
+              const V base = V::loadu(base_ptr + i);
+              V vi = V::loadu(v_ptr + i);
+              const V h = rectified_sigmoid<V, VecOps>(vi);
+              const V dh = rectified_sigmoid_grad<V, VecOps>(vi);
+              V g = V::loadu(g_ptr + i) * soft_quantize_grad<V, VecOps>(base, h, dh, sv, lo, hi);
+              if (lam != T(0)) g = g + V(lam) * regularizer_grad<V, VecOps>(h, dh, V(b));
+              V m = V::loadu(m_ptr + i), m2 = V::loadu(m2_ptr + i);
+              vi = adam_update<V, VecOps>(vi, g, m, m2, adam);
+              vi.store(v_ptr + i);
+              m.store(m_ptr + i);
+              m2.store(m2_ptr + i);
+              soft_quantize<V, VecOps>(base, rectified_sigmoid<V, VecOps>(vi), sv, zv, lo, hi).store(w_ptr + i);
+            }
+          },
+          [&](int64_t i) {
+            const T base = base_ptr[i];
+            T vi = v_ptr[i];
+            const T h = rectified_sigmoid<T>(vi);
+            const T dh = rectified_sigmoid_grad<T>(vi);
+            T g = g_ptr[i] * soft_quantize_grad<T>(base, h, dh, s, qmin, qmax);
+            if (lam != T(0)) g += lam * regularizer_grad<T>(h, dh, b);
+            vi = adam_update<T>(vi, g, m_ptr[i], m2_ptr[i], adam);
+            v_ptr[i] = vi;
+            w_ptr[i] = soft_quantize<T>(base, rectified_sigmoid<T>(vi), s, z, qmin, qmax);
+          });
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adaround, CPU, m) {
+  m.impl("reconstruction_grad", &reconstruction_grad_cpu);
+  m.impl("adam_rounding_step_", &adam_rounding_step_cpu);
+}
+
+}  // namespace adaround::cpu

@@ -1,0 +1,110 @@
+#include "grid.h"
+
+namespace adaround {
+
+at::ScalarType compute_dtype(at::ScalarType weight_dtype) {
+  return weight_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+static void check_range(int64_t quant_min, int64_t quant_max) {
+  TORCH_CHECK(quant_min < quant_max, "quant_min (", quant_min, ") must be smaller than quant_max (",
+              quant_max, ")");
+  const int64_t levels = quant_max - quant_min + 1;
+  TORCH_CHECK(levels >= 4 && levels <= 256, "quant_min/quant_max span ", levels,
+              " levels; a 2- to 8-bit grid has 4 to 256");
+  TORCH_CHECK(quant_min >= -128 && quant_max <= 255,
+              "quant_min/quant_max must lie in the int8 or uint8 range, got [", quant_min, ", ",
+              quant_max, "]");
+}
+
+at::ScalarType code_dtype(int64_t quant_min, int64_t quant_max) {
+  check_range(quant_min, quant_max);
+  if (quant_min >= -128 && quant_max <= 127) return at::kChar;
+  TORCH_CHECK(quant_min >= 0, "a grid that needs uint8 codes must start at 0 or above, got quant_min=",
+              quant_min);
+  return at::kByte;
+}
+
+QuantGrid make_grid(const at::Tensor& weight, const at::Tensor& scale,
+                    const std::optional<at::Tensor>& zero_point, int64_t quant_min,
+                    int64_t quant_max, std::optional<int64_t> axis, bool check_values) {
+  TORCH_CHECK(weight.is_floating_point(), "weight must be a floating-point tensor, got ",
+              weight.scalar_type());
+  TORCH_CHECK(scale.is_floating_point(), "scale must be a floating-point tensor, got ",
+              scale.scalar_type());
+  TORCH_CHECK(scale.device() == weight.device(), "scale is on ", scale.device(),
+              " but weight is on ", weight.device());
+  check_range(quant_min, quant_max);
+
+  QuantGrid grid;
+  grid.qmin = quant_min;
+  grid.qmax = quant_max;
+  if (axis.has_value()) {
+    TORCH_CHECK(weight.dim() > 0, "axis is given but weight is a 0-dim tensor");
+    const int64_t dim = at::maybe_wrap_dim(*axis, weight.dim());
+    grid.channels = weight.size(dim);
+    grid.inner = 1;
+    for (int64_t d = dim + 1; d < weight.dim(); ++d) grid.inner *= weight.size(d);
+    TORCH_CHECK(scale.dim() == 1 && scale.size(0) == grid.channels,
+                "scale must have shape [", grid.channels, "] for axis=", *axis,
+                " of a weight of shape ", weight.sizes(), ", got ", scale.sizes());
+  } else {
+    TORCH_CHECK(scale.numel() == 1, "scale must have one element for a per-tensor grid (axis=None), got shape ",
+                scale.sizes());
+    grid.channels = 1;
+    grid.inner = std::max<int64_t>(weight.numel(), 1);
+  }
+  const auto dtype = compute_dtype(weight.scalar_type());
+  grid.scale = scale.reshape({-1}).to(dtype).contiguous();
+  if (zero_point.has_value()) {
+    const auto& zp = *zero_point;
+    TORCH_CHECK(zp.device() == weight.device(), "zero_point is on ", zp.device(),
+                " but weight is on ", weight.device());
+    TORCH_CHECK(zp.numel() == scale.numel(), "zero_point must have as many elements as scale (",
+                scale.numel(), "), got ", zp.numel());
+    grid.zero_point = zp.reshape({-1}).to(dtype).contiguous();
+  } else {
+    grid.zero_point = at::zeros_like(grid.scale);
+  }
+  if (check_values && grid.scale.numel() > 0) {
+    // One host sync at the op boundary; the optimisation loop calls the kernels directly.
+    const bool scale_ok = at::logical_and(grid.scale > 0, at::isfinite(grid.scale)).all().item<bool>();
+    TORCH_CHECK(scale_ok, "scale must be positive and finite everywhere");
+    const auto& z = grid.zero_point;
+    const bool zp_ok = at::logical_and(at::logical_and(z >= quant_min, z <= quant_max),
+                                       at::eq(z, at::round(z)))
+                           .all()
+                           .item<bool>();
+    TORCH_CHECK(zp_ok, "zero_point must hold integers inside [quant_min, quant_max] = [", quant_min,
+                ", ", quant_max, "]");
+  }
+  return grid;
+}
+
+void check_rounding_variable(const at::Tensor& weight, const at::Tensor& v, const char* name) {
+  TORCH_CHECK(v.sizes() == weight.sizes(), name, " must have the shape of weight ", weight.sizes(),
+              ", got ", v.sizes());
+  TORCH_CHECK(v.device() == weight.device(), name, " is on ", v.device(), " but weight is on ",
+              weight.device());
+  const auto expected = compute_dtype(weight.scalar_type());
+  TORCH_CHECK(v.scalar_type() == expected, name, " must be ", expected, " for a ",
+              weight.scalar_type(), " weight, got ", v.scalar_type());
+}
+
+RoundingMode parse_rounding_mode(const std::string& mode) {
+  if (mode == "nearest") return RoundingMode::kNearest;
+  if (mode == "floor") return RoundingMode::kFloor;
+  if (mode == "ceil") return RoundingMode::kCeil;
+  if (mode == "stochastic") return RoundingMode::kStochastic;
+  if (mode == "adaptive") return RoundingMode::kAdaptive;
+  TORCH_CHECK(false, "mode must be one of nearest, floor, ceil, stochastic, adaptive; got '", mode, "'");
+}
+
+Activation parse_activation(const std::string& activation) {
+  if (activation == "none") return Activation::kNone;
+  if (activation == "relu") return Activation::kRelu;
+  if (activation == "relu6") return Activation::kRelu6;
+  TORCH_CHECK(false, "activation must be one of none, relu, relu6; got '", activation, "'");
+}
+
+}  // namespace adaround

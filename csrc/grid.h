@@ -1,0 +1,44 @@
+// Argument checking and layout of a quantization grid, shared by every backend.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "rounding_math.h"
+
+namespace adaround {
+
+// A validated grid: scale and zero point as contiguous compute-type vectors with one entry per
+// channel (one entry in all for per-tensor), and the weight seen as [outer, channels, inner].
+struct QuantGrid {
+  at::Tensor scale;       // [channels], compute dtype
+  at::Tensor zero_point;  // [channels], compute dtype
+  int64_t qmin = 0;
+  int64_t qmax = 0;
+  int64_t channels = 1;
+  int64_t inner = 1;  // elements per channel run in contiguous memory
+};
+
+// Compute dtype for a weight dtype: float for float/half/bfloat16, double for double.
+at::ScalarType compute_dtype(at::ScalarType weight_dtype);
+
+// Checks every grid argument against `weight` and returns the grid laid out for the kernels.
+// Errors name the offending argument.
+QuantGrid make_grid(const at::Tensor& weight, const at::Tensor& scale,
+                    const std::optional<at::Tensor>& zero_point, int64_t quant_min,
+                    int64_t quant_max, std::optional<int64_t> axis, bool check_values = true);
+
+// Checks that `v` can hold the rounding variables of `weight` (same shape, device, compute dtype).
+void check_rounding_variable(const at::Tensor& weight, const at::Tensor& v, const char* name);
+
+// Parses the `mode` argument of hard_quantize.
+RoundingMode parse_rounding_mode(const std::string& mode);
+
+// Parses the activation used in the reconstruction loss: "none", "relu" or "relu6".
+Activation parse_activation(const std::string& activation);
+
+// Smallest integer dtype holding every code in [quant_min, quant_max] (int8 or uint8).
+at::ScalarType code_dtype(int64_t quant_min, int64_t quant_max);
+
+}  // namespace adaround

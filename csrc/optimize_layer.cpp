@@ -1,0 +1,416 @@
+// The AdaRound loop for one layer (SPEC section 2), without an autograd graph: forward with
+// at::convolution/at::linear, the weight gradient only, and two fused passes per iteration
+// (reconstruction_grad and adam_rounding_step_, CPU and CUDA kernels).
+#include "optimize_layer.h"
+
+#include <ATen/Context.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "grid.h"
+#include "rounding_ops.h"
+#include "step_ops.h"
+
+namespace adaround {
+namespace {
+
+using at::Tensor;
+
+constexpr double kAdamBeta1 = 0.9;
+constexpr double kAdamBeta2 = 0.999;
+constexpr double kAdamEps = 1e-8;
+// Rows of unfolded input per chunk when accumulating the Gram matrices or full-cache errors.
+constexpr int64_t kChunkElements = int64_t(1) << 24;
+
+// A layer whose arguments passed every check, with geometry expanded to the spatial rank.
+struct Layer {
+  int64_t spatial = 0;  // 0 for Linear
+  std::vector<int64_t> stride, padding, dilation, output_padding;
+  int64_t groups = 1;
+  int64_t positions = 1;  // output positions per sample (1 for Linear)
+};
+
+std::vector<int64_t> expand_arg(const std::vector<int64_t>& values, int64_t spatial, const char* name) {
+  TORCH_CHECK(values.size() == 1 || int64_t(values.size()) == spatial, name, " must have 1 or ", spatial,
+              " entries for a ", spatial, "-d convolution, got ", values.size());
+  return values.size() == 1 ? std::vector<int64_t>(spatial, values[0]) : values;
+}
+
+void check_finite(const Tensor& t, const char* name) {
+  TORCH_CHECK(at::isfinite(t).all().item<bool>(), name, " contains NaN or Inf");
+}
+
+Layer check_layer(const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& inputs,
+                  const Tensor& targets, const LayerGeometry& geo) {
+  TORCH_CHECK(weight.dim() >= 2 && weight.dim() <= 4,
+              "weight must be 2-D (Linear), 3-D (Conv1d) or 4-D (Conv2d), got shape ", weight.sizes());
+  TORCH_CHECK(weight.is_floating_point(), "weight must be floating point, got ", weight.scalar_type());
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&inputs, "inputs"}, {&targets, "targets"}}) {
+    TORCH_CHECK(t->device() == weight.device(), name, " is on ", t->device(), " but weight is on ", weight.device());
+    TORCH_CHECK(t->is_floating_point(), name, " must be floating point, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == weight.dim(), name, " must be ", weight.dim(), "-D for a weight of shape ",
+                weight.sizes(), ", got shape ", t->sizes());
+  }
+  TORCH_CHECK(inputs.size(0) == targets.size(0), "inputs hold ", inputs.size(0), " samples but targets hold ",
+              targets.size(0));
+  TORCH_CHECK(inputs.size(0) > 0, "inputs hold no samples");
+  Layer layer;
+  layer.spatial = weight.dim() - 2;
+  layer.groups = geo.groups;
+  TORCH_CHECK(geo.groups >= 1, "groups must be >= 1, got ", geo.groups);
+  if (layer.spatial == 0) {
+    const bool defaults = geo.groups == 1 &&
+                          std::all_of(geo.stride.begin(), geo.stride.end(), [](int64_t s) { return s == 1; }) &&
+                          std::all_of(geo.padding.begin(), geo.padding.end(), [](int64_t p) { return p == 0; }) &&
+                          std::all_of(geo.dilation.begin(), geo.dilation.end(), [](int64_t d) { return d == 1; });
+    TORCH_CHECK(defaults, "stride, padding, dilation and groups apply to convolutions only; a 2-D (Linear) "
+                          "weight takes their defaults");
+    TORCH_CHECK(inputs.size(1) == weight.size(1), "inputs have ", inputs.size(1),
+                " features but weight expects ", weight.size(1));
+  } else {
+    layer.stride = expand_arg(geo.stride, layer.spatial, "stride");
+    layer.padding = expand_arg(geo.padding, layer.spatial, "padding");
+    layer.dilation = expand_arg(geo.dilation, layer.spatial, "dilation");
+    layer.output_padding.assign(layer.spatial, 0);
+    TORCH_CHECK(weight.size(0) % geo.groups == 0, "groups (", geo.groups, ") must divide the ",
+                weight.size(0), " output channels");
+    TORCH_CHECK(inputs.size(1) == weight.size(1) * geo.groups, "inputs have ", inputs.size(1),
+                " channels but weight with groups=", geo.groups, " expects ", weight.size(1) * geo.groups);
+    for (int64_t d = 0; d < layer.spatial; ++d) {
+      TORCH_CHECK(layer.stride[d] >= 1, "stride must be >= 1, got ", layer.stride[d]);
+      TORCH_CHECK(layer.dilation[d] >= 1, "dilation must be >= 1, got ", layer.dilation[d]);
+      TORCH_CHECK(layer.padding[d] >= 0, "padding must be >= 0, got ", layer.padding[d]);
+    }
+  }
+  std::vector<int64_t> expected{inputs.size(0), weight.size(0)};
+  for (int64_t d = 0; d < layer.spatial; ++d) {
+    const int64_t extent = inputs.size(2 + d) + 2 * layer.padding[d] - layer.dilation[d] * (weight.size(2 + d) - 1) - 1;
+    TORCH_CHECK(extent >= 0, "inputs of shape ", inputs.sizes(), " are smaller than the kernel");
+    expected.push_back(extent / layer.stride[d] + 1);
+    layer.positions *= expected.back();
+  }
+  TORCH_CHECK(targets.sizes() == at::IntArrayRef(expected), "targets must have shape ", at::IntArrayRef(expected),
+              " (the layer's output for these inputs), got ", targets.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape [", weight.size(0),
+                "], got ", bias->sizes());
+    TORCH_CHECK(bias->device() == weight.device(), "bias is on ", bias->device(), " but weight is on ",
+                weight.device());
+  }
+  return layer;
+}
+
+Tensor forward(const Layer& layer, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
+  if (layer.spatial == 0) return at::linear(x, w, bias);
+  return at::convolution(x, w, bias, layer.stride, layer.padding, layer.dilation, false, layer.output_padding,
+                         layer.groups);
+}
+
+Tensor weight_grad(const Layer& layer, const Tensor& grad_out, const Tensor& x, const Tensor& w) {
+  if (layer.spatial == 0) return grad_out.t().mm(x);
+  return std::get<1>(at::convolution_backward(grad_out, x, w, std::nullopt, layer.stride, layer.padding,
+                                              layer.dilation, false, layer.output_padding, layer.groups,
+                                              {false, true, false}))
+      .contiguous();
+}
+
+Tensor activate(Activation act, const Tensor& x) {
+  if (act == Activation::kRelu) return at::relu(x);
+  if (act == Activation::kRelu6) return at::clamp(x, 0, 6);
+  return x;
+}
+
+int64_t chunk_samples(const Tensor& t) {
+  const int64_t per_sample = std::max<int64_t>(1, t.numel() / t.size(0));
+  return std::max<int64_t>(1, kChunkElements / per_sample);
+}
+
+// mean over samples and positions of the squared error summed over channels, on the whole cache.
+double reconstruction_error(const Layer& layer, Activation act, const Tensor& w, const std::optional<Tensor>& bias,
+                            const Tensor& inputs, const Tensor& targets) {
+  const int64_t n = inputs.size(0), step = chunk_samples(inputs);
+  Tensor total = at::zeros({}, w.options().dtype(at::kDouble));
+  for (int64_t start = 0; start < n; start += step) {
+    const int64_t len = std::min(step, n - start);
+    const Tensor x = inputs.narrow(0, start, len).to(w.scalar_type());
+    const Tensor t = targets.narrow(0, start, len).to(w.scalar_type());
+    total += (activate(act, forward(layer, x, w, bias)) - t).pow(2).sum(at::kDouble);
+  }
+  return total.item<double>() / double(n * layer.positions);
+}
+
+// Full-data second moments for the identity-activation objective (SPEC "exact mode"):
+// loss(W~) = (tr(W~ G W~^T) - 2 tr(W~ C) + rr) / M per group, with G = X^T X, C = X^T R,
+// R = targets - bias, X the unfolded inputs (im2col), M the number of rows.
+struct GramSystem {
+  Tensor gram;          // [groups, K, K] float64
+  Tensor cross_t;       // [groups, out_g, K] float64 (C transposed)
+  double residual_sq = 0;
+  double rows = 0;
+  Tensor gram_work;     // the same in the working dtype, for the per-iteration gradient
+  Tensor cross_t_work;
+};
+
+// [groups, rows, K] unfolded inputs of a chunk; [groups, rows, out_g] matching targets.
+std::pair<Tensor, Tensor> unfold_chunk(const Layer& layer, const Tensor& w, const Tensor& x, const Tensor& target) {
+  const int64_t g = layer.groups, out = w.size(0);
+  if (layer.spatial == 0) return {x.unsqueeze(0), target.unsqueeze(0)};
+  Tensor x4 = x, t4 = target;
+  std::vector<int64_t> kernel(w.sizes().begin() + 2, w.sizes().end());
+  std::vector<int64_t> stride = layer.stride, padding = layer.padding, dilation = layer.dilation;
+  if (layer.spatial == 1) {  // a Conv1d is a Conv2d of height 1
+    x4 = x.unsqueeze(2);
+    t4 = target.unsqueeze(2);
+    kernel.insert(kernel.begin(), 1);
+    stride.insert(stride.begin(), 1);
+    padding.insert(padding.begin(), 0);
+    dilation.insert(dilation.begin(), 1);
+  }
+  const int64_t n = x.size(0);
+  const Tensor cols = at::im2col(x4, kernel, dilation, padding, stride);  // [n, Cin*k, L]
+  const int64_t positions = cols.size(2), k_per_group = cols.size(1) / g;
+  Tensor xg = cols.view({n, g, k_per_group, positions}).permute({1, 0, 3, 2}).reshape({g, n * positions, k_per_group});
+  Tensor tg = t4.reshape({n, g, out / g, positions}).permute({1, 0, 3, 2}).reshape({g, n * positions, out / g});
+  return {xg, tg};
+}
+
+GramSystem build_gram(const Layer& layer, const Tensor& w, const std::optional<Tensor>& bias, const Tensor& inputs,
+                      const Tensor& targets) {
+  const int64_t g = layer.groups, out_g = w.size(0) / g, k = w.numel() / w.size(0);
+  const auto f64 = w.options().dtype(at::kDouble);
+  GramSystem sys;
+  sys.gram = at::zeros({g, k, k}, f64);
+  Tensor cross = at::zeros({g, k, out_g}, f64);
+  Tensor residual_sq = at::zeros({}, f64);
+  const int64_t n = inputs.size(0);
+  const int64_t step = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, layer.positions * k * g));
+  for (int64_t start = 0; start < n; start += step) {
+    const int64_t len = std::min(step, n - start);
+    Tensor t = targets.narrow(0, start, len).to(at::kDouble);
+    if (bias.has_value()) {
+      std::vector<int64_t> shape(t.dim(), 1);
+      shape[1] = -1;
+      t = t - bias->to(at::kDouble).view(shape);
+    }
+    auto [xg, rg] = unfold_chunk(layer, w, inputs.narrow(0, start, len).to(at::kDouble), t);
+    const Tensor xt = xg.transpose(1, 2);
+    sys.gram.baddbmm_(xt, xg);
+    cross.baddbmm_(xt, rg);
+    residual_sq += rg.pow(2).sum();
+  }
+  sys.cross_t = cross.transpose(1, 2).contiguous();
+  sys.residual_sq = residual_sq.item<double>();
+  sys.rows = double(n * layer.positions);
+  sys.gram_work = sys.gram.to(w.scalar_type());
+  sys.cross_t_work = sys.cross_t.to(w.scalar_type());
+  return sys;
+}
+
+// Full-data loss of W~ (float64, as a 0-dim tensor: no host sync).
+Tensor gram_loss(const GramSystem& sys, const Tensor& w_soft) {
+  const int64_t g = sys.gram.size(0);
+  const Tensor wg = w_soft.to(at::kDouble).reshape({g, sys.cross_t.size(1), sys.cross_t.size(2)});
+  const Tensor quad = (at::bmm(wg, sys.gram) * wg).sum();
+  return (quad - 2 * (wg * sys.cross_t).sum() + sys.residual_sq) / sys.rows;
+}
+
+// dL/dW~ of the full-data loss: (2/M) (W~ G - C^T).
+Tensor gram_grad(const GramSystem& sys, const Tensor& w_soft) {
+  const int64_t g = sys.gram.size(0);
+  const Tensor wg = w_soft.reshape({g, sys.cross_t.size(1), sys.cross_t.size(2)});
+  const double a = 2.0 / sys.rows;
+  return at::baddbmm(sys.cross_t_work, wg, sys.gram_work, /*beta=*/-a, /*alpha=*/a).view(w_soft.sizes());
+}
+
+bool choose_exact(const std::string& mode, Activation act, const Tensor& w, const Layer& layer, int64_t n,
+                  const OptimizeOptions& opt) {
+  if (mode == "minibatch") return false;
+  if (mode == "exact") {
+    TORCH_CHECK(act == Activation::kNone, "mode='exact' needs activation='none' (the loss must be quadratic)");
+    return true;
+  }
+  TORCH_CHECK(mode == "auto", "mode must be one of minibatch, exact, auto; got '", mode, "'");
+  if (act != Activation::kNone) return false;
+  // Multiply-adds: minibatch = forward + weight gradient per iteration; exact = one W~ G per
+  // iteration plus building G once.
+  const double k = double(w.numel() / w.size(0)), out = double(w.size(0)), pos = double(layer.positions);
+  const double minibatch = 2.0 * double(opt.batch_size) * pos * out * k * double(opt.iterations);
+  const double exact = out * k * k * double(opt.iterations) + double(n) * pos * k * k * double(layer.groups);
+  return exact < minibatch;
+}
+
+// Restores cuDNN determinism and TF32 settings on scope exit.
+class BackendFlagsGuard {
+ public:
+  explicit BackendFlagsGuard(bool allow_tf32)
+      : deterministic_(ctx().deterministicCuDNN()), tf32_cublas_(ctx().allowTF32CuBLAS()),
+        tf32_cudnn_(ctx().allowTF32CuDNN()) {
+    ctx().setDeterministicCuDNN(true);  // same seed + same device -> same result
+    ctx().setAllowTF32CuBLAS(allow_tf32);
+    ctx().setAllowTF32CuDNN(allow_tf32);
+  }
+  ~BackendFlagsGuard() {
+    ctx().setDeterministicCuDNN(deterministic_);
+    ctx().setAllowTF32CuBLAS(tf32_cublas_);
+    ctx().setAllowTF32CuDNN(tf32_cudnn_);
+  }
+
+ private:
+  static at::Context& ctx() { return at::globalContext(); }
+  bool deterministic_, tf32_cublas_, tf32_cudnn_;
+};
+
+}  // namespace
+
+double beta_at(const OptimizeOptions& opt, int64_t t) {
+  const double warm_end = opt.warm_start * double(opt.iterations);
+  const double span = std::max(1.0, double(opt.iterations) - warm_end);
+  const double progress = std::clamp((double(t) - warm_end) / span, 0.0, 1.0);
+  if (opt.schedule == "linear") return opt.beta_start + (opt.beta_end - opt.beta_start) * progress;
+  return opt.beta_end + 0.5 * (opt.beta_start - opt.beta_end) * (1.0 + std::cos(M_PI * progress));
+}
+
+OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>& bias, const LayerGrid& grid_args,
+                              const Tensor& inputs, const Tensor& targets, const LayerGeometry& geometry,
+                              const OptimizeOptions& opt) {
+  TORCH_CHECK(opt.iterations > 0, "iterations must be > 0, got ", opt.iterations);
+  TORCH_CHECK(opt.batch_size > 0, "batch_size must be > 0, got ", opt.batch_size);
+  TORCH_CHECK(opt.lr > 0 && std::isfinite(opt.lr), "lr must be positive and finite, got ", opt.lr);
+  TORCH_CHECK(opt.reg_lambda >= 0 && std::isfinite(opt.reg_lambda), "reg_lambda must be >= 0, got ", opt.reg_lambda);
+  TORCH_CHECK(opt.beta_start >= 1 && opt.beta_end >= 1, "beta_start and beta_end must be >= 1, got ",
+              opt.beta_start, " and ", opt.beta_end);
+  TORCH_CHECK(opt.warm_start >= 0 && opt.warm_start < 1, "warm_start must be in [0, 1), got ", opt.warm_start);
+  TORCH_CHECK(opt.schedule == "cosine" || opt.schedule == "linear", "schedule must be cosine or linear, got '",
+              opt.schedule, "'");
+  TORCH_CHECK(opt.log_every >= 0, "log_every must be >= 0, got ", opt.log_every);
+  const Activation act = parse_activation(opt.activation);
+  const Layer layer = check_layer(weight, bias, inputs, targets, geometry);
+  const int64_t n = inputs.size(0);
+  const QuantGrid grid = make_grid(weight, grid_args.scale, grid_args.zero_point, grid_args.quant_min,
+                                   grid_args.quant_max, grid_args.axis);
+  check_finite(inputs, "inputs");
+  check_finite(targets, "targets");
+  check_finite(weight, "weight");
+  if (bias.has_value()) check_finite(*bias, "bias");
+
+  BackendFlagsGuard flags(opt.allow_tf32);
+  const auto work_dtype = compute_dtype(weight.scalar_type());
+  const Tensor w = weight.to(work_dtype).contiguous();
+  const std::optional<Tensor> b = bias.has_value() ? std::optional<Tensor>(bias->to(work_dtype)) : std::nullopt;
+
+  // floor(W/s) + z with the per-channel grid broadcast along its axis.
+  std::vector<int64_t> channel_shape(w.dim(), 1);
+  if (grid_args.axis.has_value()) channel_shape[at::maybe_wrap_dim(*grid_args.axis, w.dim())] = -1;
+  const Tensor scale_b = grid.scale.view(grid_args.axis.has_value() ? channel_shape : std::vector<int64_t>{});
+  const Tensor zero_b = grid.zero_point.view(grid_args.axis.has_value() ? channel_shape : std::vector<int64_t>{});
+  const Tensor grid_base = (at::floor(w / scale_b) + zero_b).contiguous();
+
+  Tensor v = ops::init_v(w, grid.scale, grid_args.axis);
+  Tensor exp_avg = at::zeros_like(v), exp_avg_sq = at::zeros_like(v);
+  Tensor w_soft = ops::soft_quantize(w, v, grid.scale, grid.zero_point, grid.qmin, grid.qmax, grid_args.axis);
+
+  const bool exact = choose_exact(opt.mode, act, w, layer, n, opt);
+  TORCH_CHECK(exact || opt.batch_size <= n, "batch_size (", opt.batch_size, ") is larger than the cache (", n,
+              " samples)");
+  GramSystem gram;
+  if (exact) gram = build_gram(layer, w, b, inputs, targets);
+
+  const int64_t log_every = opt.log_every > 0 ? opt.log_every : std::max<int64_t>(1, opt.iterations / 100);
+  Tensor loss_curve = at::zeros({(opt.iterations + log_every - 1) / log_every}, w.options().dtype(at::kFloat));
+  const int64_t warm_iterations = int64_t(opt.warm_start * double(opt.iterations));
+  const double norm = 1.0 / double(opt.batch_size * layer.positions);
+
+  at::Generator gen = at::globalContext().defaultGenerator(w.device()).clone();
+  gen.set_current_seed(uint64_t(opt.seed));
+  const auto index_options = w.options().dtype(at::kLong);
+
+  for (int64_t t = 0; t < opt.iterations; ++t) {
+    const bool regularize = t >= warm_iterations;
+    const double lambda = regularize ? opt.reg_lambda : 0.0;
+    const double beta = beta_at(opt, t);
+    const bool log_now = t % log_every == 0;
+    Tensor grad_w, loss;
+    if (exact) {
+      grad_w = gram_grad(gram, w_soft);
+      if (log_now) loss = gram_loss(gram, w_soft);
+    } else {
+      const Tensor idx = at::randint(n, {opt.batch_size}, gen, index_options);
+      const Tensor x = inputs.index_select(0, idx).to(work_dtype);
+      const Tensor y = targets.index_select(0, idx).to(work_dtype);
+      const Tensor pre = forward(layer, x, w_soft, b);
+      grad_w = weight_grad(layer, ops::reconstruction_grad(pre, y, opt.activation, norm), x, w_soft);
+      if (log_now) loss = (activate(act, pre) - y).pow(2).sum() * norm;
+    }
+    if (log_now) {
+      if (regularize && lambda > 0) loss = loss + lambda * ops::round_regularizer(v, beta);
+      loss_curve.select(0, t / log_every).copy_(loss);  // device-side copy: no host sync
+    }
+    ops::adam_rounding_step_(v, exp_avg, exp_avg_sq, w_soft, grad_w, grid_base, grid.scale, grid.zero_point,
+                             grid.qmin, grid.qmax, grid_args.axis, lambda, beta, opt.lr, kAdamBeta1, kAdamBeta2,
+                             kAdamEps, t + 1);
+  }
+
+  OptimizeResult result;
+  result.v = v;
+  result.loss_curve = loss_curve;
+  result.exact_mode = exact;
+  auto [codes, quantized] = ops::hard_quantize(weight, grid.scale, grid.zero_point, grid.qmin, grid.qmax,
+                                               grid_args.axis, "adaptive", v.to(work_dtype));
+  result.codes = codes;
+  result.quantized_weight = quantized;
+  const Tensor nearest = std::get<1>(ops::hard_quantize(weight, grid.scale, grid.zero_point, grid.qmin,
+                                                        grid.qmax, grid_args.axis, "nearest"));
+  result.nearest_error = reconstruction_error(layer, act, nearest.to(work_dtype), b, inputs, targets);
+  result.adaround_error = reconstruction_error(layer, act, quantized.to(work_dtype), b, inputs, targets);
+  const Tensor stretched = at::sigmoid(v) * (kZeta - kGamma) + kGamma;
+  result.undecided_fraction =
+      v.numel() == 0 ? 0.0 : at::logical_and(stretched > 0, stretched < 1).to(at::kDouble).mean().item<double>();
+  return result;
+}
+
+namespace {
+
+// torch.ops.adaround.optimize_layer: the flat-argument form of optimize_layer.
+std::tuple<Tensor, Tensor, Tensor, Tensor, double, double, double, bool> optimize_layer_op(
+    const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& scale,
+    const std::optional<Tensor>& zero_point, int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis,
+    const Tensor& inputs, const Tensor& targets, std::vector<int64_t> stride, std::vector<int64_t> padding,
+    std::vector<int64_t> dilation, int64_t groups, int64_t iterations, int64_t batch_size, double lr,
+    double reg_lambda, double beta_start, double beta_end, double warm_start, c10::string_view schedule,
+    c10::string_view activation, c10::string_view mode, int64_t seed, int64_t log_every, bool allow_tf32) {
+  OptimizeOptions opt;
+  opt.iterations = iterations;
+  opt.batch_size = batch_size;
+  opt.lr = lr;
+  opt.reg_lambda = reg_lambda;
+  opt.beta_start = beta_start;
+  opt.beta_end = beta_end;
+  opt.warm_start = warm_start;
+  opt.schedule = std::string(schedule);
+  opt.activation = std::string(activation);
+  opt.mode = std::string(mode);
+  opt.seed = seed;
+  opt.log_every = log_every;
+  opt.allow_tf32 = allow_tf32;
+  const OptimizeResult r = optimize_layer(weight, bias, LayerGrid{scale, zero_point, quant_min, quant_max, axis},
+                                          inputs, targets, LayerGeometry{stride, padding, dilation, groups}, opt);
+  return {r.quantized_weight, r.codes, r.v,           r.loss_curve, r.nearest_error, r.adaround_error,
+          r.undecided_fraction, r.exact_mode};
+}
+
+}  // namespace
+}  // namespace adaround
+
+TORCH_LIBRARY_FRAGMENT(adaround, m) {
+  m.def("optimize_layer(Tensor weight, Tensor? bias, Tensor scale, Tensor? zero_point, int quant_min, "
+        "int quant_max, int? axis, Tensor inputs, Tensor targets, int[] stride=[1], int[] padding=[0], "
+        "int[] dilation=[1], int groups=1, int iterations=10000, int batch_size=32, float lr=0.001, "
+        "float reg_lambda=0.01, float beta_start=20., float beta_end=2., float warm_start=0.2, "
+        "str schedule='cosine', str activation='none', str mode='auto', int seed=0, int log_every=0, "
+        "bool allow_tf32=False) -> (Tensor quantized_weight, Tensor codes, Tensor v, Tensor loss_curve, "
+        "float nearest_error, float adaround_error, float undecided_fraction, bool exact_mode)");
+  // One implementation for every backend: the loop dispatches its pieces by device.
+  m.impl("optimize_layer", torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd,
+                                           TORCH_FN(adaround::optimize_layer_op)));
+}

@@ -1,0 +1,71 @@
+// optimize_layer: learns the rounding of one Linear/Conv1d/Conv2d layer (SPEC section 2).
+//
+//   adaround::LayerGrid grid{scale, zero_point, -8, 7, /*axis=*/0};
+//   adaround::LayerGeometry conv{{2, 2}, {1, 1}, {1, 1}, /*groups=*/1};
+//   adaround::OptimizeOptions options;  // SPEC defaults
+//   options.activation = "relu";
+//   auto result = adaround::optimize_layer(weight, bias, grid, inputs, targets, conv, options);
+//
+// `inputs` are the cached layer inputs x^ from the partly quantized model, `targets` the cached
+// f_a(W x + b) of the float model. The loop runs on the device of the tensors.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace adaround {
+
+struct LayerGrid {
+  at::Tensor scale;                       // one element (per tensor) or [weight.size(axis)]
+  std::optional<at::Tensor> zero_point;   // same shape as scale; absent = 0
+  int64_t quant_min = -8;
+  int64_t quant_max = 7;
+  std::optional<int64_t> axis;            // nullopt: per tensor
+};
+
+// Convolution arguments; a Linear layer (2-D weight) takes the defaults.
+struct LayerGeometry {
+  std::vector<int64_t> stride{1};
+  std::vector<int64_t> padding{0};
+  std::vector<int64_t> dilation{1};
+  int64_t groups = 1;
+};
+
+struct OptimizeOptions {
+  int64_t iterations = 10000;
+  int64_t batch_size = 32;
+  double lr = 1e-3;
+  double reg_lambda = 0.01;
+  double beta_start = 20.0;
+  double beta_end = 2.0;
+  double warm_start = 0.2;          // fraction of iterations without the regulariser
+  std::string schedule = "cosine";  // beta decay: cosine or linear
+  std::string activation = "none";  // f_a in the loss: none, relu, relu6
+  std::string mode = "auto";        // minibatch, exact (full-data Gram; activation none), auto
+  int64_t seed = 0;
+  int64_t log_every = 0;            // loss-curve sampling period; 0 = iterations / 100
+  bool allow_tf32 = false;
+};
+
+struct OptimizeResult {
+  at::Tensor quantized_weight;  // s * (code - z), weight's dtype
+  at::Tensor codes;             // integer codes (int8 or uint8), zero point included
+  at::Tensor v;                 // learned rounding variables
+  at::Tensor loss_curve;        // sampled total loss, float32 [ceil(iterations / log_every)]
+  double nearest_error = 0;     // reconstruction error on the whole cache, round-to-nearest
+  double adaround_error = 0;    // the same for the learned rounding
+  double undecided_fraction = 0;  // share of h(V) strictly between 0 and 1
+  bool exact_mode = false;        // whether the full-data (Gram) mode ran
+};
+
+OptimizeResult optimize_layer(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const LayerGrid& grid, const at::Tensor& inputs, const at::Tensor& targets,
+                              const LayerGeometry& geometry, const OptimizeOptions& options);
+
+// beta of the regulariser at iteration t (0-based); meaningful after the warm start.
+double beta_at(const OptimizeOptions& options, int64_t t);
+
+}  // namespace adaround

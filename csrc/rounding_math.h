@@ -1,0 +1,165 @@
+// The scalar formulas of AdaRound, written once.
+//
+// Every kernel (CPU scalar, CPU vectorized, CUDA) evaluates these templates, so the
+// numerics have one source of truth. `T` is the compute type (float or double, or
+// at::vec::Vectorized<float> on the CPU); `Ops` supplies the few primitives whose
+// spelling differs between scalars and SIMD vectors.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace adaround {
+
+// Stretch of the rectified sigmoid (SPEC section 2).
+constexpr double kZeta = 1.1;
+constexpr double kGamma = -0.1;
+
+// Primitives for plain scalars; usable on host and device.
+template <typename T>
+struct ScalarOps {
+  using Mask = bool;
+  static C10_HOST_DEVICE T exp(T x) { return std::exp(x); }
+  static C10_HOST_DEVICE T log(T x) { return std::log(x); }
+  static C10_HOST_DEVICE T abs(T x) { return std::abs(x); }
+  static C10_HOST_DEVICE T sqrt(T x) { return std::sqrt(x); }
+  static C10_HOST_DEVICE T floor(T x) { return std::floor(x); }
+  static C10_HOST_DEVICE T nearest(T x) { return std::nearbyint(x); }  // half to even, as torch.round
+  static C10_HOST_DEVICE T pow(T x, T y) { return std::pow(x, y); }
+  static C10_HOST_DEVICE T min(T a, T b) { return a < b ? a : b; }
+  static C10_HOST_DEVICE T max(T a, T b) { return a > b ? a : b; }
+  static C10_HOST_DEVICE T select(Mask m, T if_true, T if_false) { return m ? if_true : if_false; }
+  static C10_HOST_DEVICE Mask both(Mask a, Mask b) { return a && b; }
+};
+
+template <typename T, typename Ops>
+C10_HOST_DEVICE inline T clamp(T x, T lo, T hi) {
+  return Ops::min(Ops::max(x, lo), hi);
+}
+
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T sigmoid(T v) {
+  return T(1) / (T(1) + Ops::exp(-v));
+}
+
+// h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T rectified_sigmoid(T v) {
+  const T stretched = sigmoid<T, Ops>(v) * T(kZeta - kGamma) + T(kGamma);
+  return clamp<T, Ops>(stretched, T(0), T(1));
+}
+
+// dh/dV; zero where the clip is active (boundaries pass the gradient, as torch.clamp does).
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T rectified_sigmoid_grad(T v) {
+  const T s = sigmoid<T, Ops>(v);
+  const T stretched = s * T(kZeta - kGamma) + T(kGamma);
+  const auto inside = Ops::both(stretched >= T(0), stretched <= T(1));
+  return Ops::select(inside, T(kZeta - kGamma) * s * (T(1) - s), T(0));
+}
+
+// V such that h(V) equals `fraction` in [0, 1): the inverse of the stretched sigmoid.
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T inverse_rectified_sigmoid(T fraction) {
+  const T p = (fraction - T(kGamma)) / T(kZeta - kGamma);
+  return Ops::log(p / (T(1) - p));
+}
+
+// `grid_base` is floor(W/s) + z, fixed during AdaRound. Returns s * (clip(base + h, n, p) - z).
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T soft_quantize(T grid_base, T h, T scale, T zero_point, T qmin, T qmax) {
+  return scale * (clamp<T, Ops>(grid_base + h, qmin, qmax) - zero_point);
+}
+
+// dW~/dV for the same arguments, with dh/dV given.
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T soft_quantize_grad(T grid_base, T h, T dh_dv, T scale, T qmin, T qmax) {
+  const T q = grid_base + h;
+  const auto inside = Ops::both(q >= qmin, q <= qmax);
+  return Ops::select(inside, scale * dh_dv, T(0));
+}
+
+// One element of f_reg(V) = sum(1 - |2h(V) - 1|^beta).
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T regularizer_term(T h, T beta) {
+  return T(1) - Ops::pow(Ops::abs(T(2) * h - T(1)), beta);
+}
+
+// d/dV of one regularizer element, with h and dh/dV given:
+// -beta * |2h-1|^(beta-1) * sign(2h-1) * 2 * dh/dV.
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T regularizer_grad(T h, T dh_dv, T beta) {
+  const T d = T(2) * h - T(1);
+  const T magnitude = Ops::pow(Ops::abs(d), beta - T(1));
+  const T signed_mag = Ops::select(d >= T(0), magnitude, -magnitude);
+  return T(-2) * beta * signed_mag * dh_dv;
+}
+
+// Rounding functions of hard_quantize; each returns the integer grid value before clipping.
+enum class RoundingMode : int { kNearest = 0, kFloor = 1, kCeil = 2, kStochastic = 3, kAdaptive = 4 };
+
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T dequantize(T code, T scale, T zero_point) {
+  return scale * (code - zero_point);
+}
+
+// `aux` is the uniform noise in [0,1) for stochastic rounding and V for adaptive rounding.
+template <typename T>
+C10_HOST_DEVICE inline T hard_code(RoundingMode mode, T w_over_s, T aux, T zero_point, T qmin, T qmax) {
+  using Ops = ScalarOps<T>;
+  const T lower = Ops::floor(w_over_s);
+  T rounded;
+  switch (mode) {
+    case RoundingMode::kNearest: rounded = Ops::nearest(w_over_s); break;
+    case RoundingMode::kFloor: rounded = lower; break;
+    case RoundingMode::kCeil: rounded = std::ceil(w_over_s); break;
+    case RoundingMode::kStochastic: rounded = lower + ((aux < w_over_s - lower) ? T(1) : T(0)); break;
+    default: rounded = lower + ((rectified_sigmoid<T>(aux) >= T(0.5)) ? T(1) : T(0)); break;
+  }
+  return clamp<T, Ops>(rounded + zero_point, qmin, qmax);
+}
+
+// Adam (as torch.optim.Adam with amsgrad=False, weight_decay=0) on one element.
+struct AdamStep {
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double bias_correction1;       // 1 - beta1^t
+  double bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+};
+
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T adam_update(T param, T grad, T& exp_avg, T& exp_avg_sq, const AdamStep& a) {
+  exp_avg = exp_avg + T(1 - a.beta1) * (grad - exp_avg);
+  exp_avg_sq = T(a.beta2) * exp_avg_sq + T(1 - a.beta2) * grad * grad;
+  const T denom = Ops::sqrt(exp_avg_sq) / T(a.bias_correction2_sqrt) + T(a.eps);
+  return param - T(a.lr / a.bias_correction1) * exp_avg / denom;
+}
+
+// Activation in the reconstruction loss.
+enum class Activation : int { kNone = 0, kRelu = 1, kRelu6 = 2 };
+
+template <typename T>
+C10_HOST_DEVICE inline T apply_activation(Activation act, T x) {
+  if (act == Activation::kRelu) return x > T(0) ? x : T(0);
+  if (act == Activation::kRelu6) return x > T(0) ? (x < T(6) ? x : T(6)) : T(0);
+  return x;
+}
+
+// d f_a(x) / dx, with the same boundary convention as torch's relu/hardtanh backward.
+template <typename T>
+C10_HOST_DEVICE inline T activation_grad(Activation act, T x) {
+  if (act == Activation::kRelu) return x > T(0) ? T(1) : T(0);
+  if (act == Activation::kRelu6) return (x > T(0) && x < T(6)) ? T(1) : T(0);
+  return T(1);
+}
+
+// Gradient of norm * (f_a(pre) - target)^2 with respect to pre.
+template <typename T>
+C10_HOST_DEVICE inline T reconstruction_grad(Activation act, T pre, T target, T norm) {
+  return T(2) * norm * (apply_activation(act, pre) - target) * activation_grad(act, pre);
+}
+
+}  // namespace adaround

@@ -1,0 +1,48 @@
+// Argument checks of the step ops, shared by the CPU and CUDA kernels.
+#pragma once
+
+#include "grid.h"
+
+namespace adaround {
+
+struct StepArgs {
+  QuantGrid grid;  // per-channel scale and zero point, and the loop layout
+  AdamStep adam{};
+};
+
+inline void check_same_layout(const at::Tensor& reference, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.sizes() == reference.sizes(), name, " must have shape ", reference.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.device() == reference.device(), name, " is on ", t.device(), " but v is on ", reference.device());
+  TORCH_CHECK(t.scalar_type() == reference.scalar_type(), name, " must be ", reference.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Validates the adam_rounding_step_ arguments (no host sync) and derives the grid and the Adam constants.
+inline StepArgs check_step_args(const at::Tensor& v, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                                  const at::Tensor& soft_weight, const at::Tensor& grad,
+                                  const at::Tensor& grid_base, const at::Tensor& scale,
+                                  const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                                  std::optional<int64_t> axis, double lr, double beta1, double beta2,
+                                  double eps, int64_t step) {
+  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
+              "v must be float32 or float64, got ", v.scalar_type());
+  TORCH_CHECK(v.is_contiguous(), "v must be contiguous");
+  check_same_layout(v, exp_avg, "exp_avg");
+  check_same_layout(v, exp_avg_sq, "exp_avg_sq");
+  check_same_layout(v, soft_weight, "soft_weight");
+  check_same_layout(v, grad, "grad_soft_weight");
+  check_same_layout(v, grid_base, "grid_base");
+  const QuantGrid grid = make_grid(v, scale, zero_point, quant_min, quant_max, axis, /*check_values=*/false);
+  TORCH_CHECK(step >= 1, "step counts from 1, got ", step);
+  TORCH_CHECK(lr > 0 && eps > 0 && beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1,
+              "Adam needs lr > 0, eps > 0 and betas in [0, 1); got lr=", lr, ", eps=", eps,
+              ", betas=(", beta1, ", ", beta2, ")");
+  StepArgs args;
+  args.grid = grid;
+  args.adam = AdamStep{lr, beta1, beta2, eps, 1.0 - std::pow(beta1, double(step)),
+                         std::sqrt(1.0 - std::pow(beta2, double(step)))};
+  return args;
+}
+
+}  // namespace adaround

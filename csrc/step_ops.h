@@ -1,0 +1,26 @@
+// The two fused passes of one optimize_layer iteration, as ops with CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+namespace adaround::ops {
+
+// d/d(pre) of norm * sum((f_a(pre) - target)^2), in one pass.
+at::Tensor reconstruction_grad(const at::Tensor& pre_activation, const at::Tensor& target,
+                               const std::string& activation, double norm);
+
+// One AdaRound iteration on the weights, in one pass: dL/dV from dL/dW~ (soft-quantize backward)
+// plus reg_lambda * the regularizer gradient, the Adam update of V (step counts from 1), and the
+// soft weights W~ for the next forward pass. `grid_base` is floor(W/s) + z; `scale` and
+// `zero_point` hold one value per channel of `axis` (one in all for per tensor).
+void adam_rounding_step_(at::Tensor& v, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                         at::Tensor& soft_weight, const at::Tensor& grad_soft_weight,
+                         const at::Tensor& grid_base, const at::Tensor& scale,
+                         const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                         std::optional<int64_t> axis, double reg_lambda, double beta, double lr,
+                         double beta1, double beta2, double eps, int64_t step);
+
+}  // namespace adaround::ops

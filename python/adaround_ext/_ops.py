@@ -1,0 +1,141 @@
+"""Thin Python wrappers over torch.ops.adaround.*, with fake (meta) kernels and autograd."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+_lib = torch.ops.adaround
+
+__all__ = [
+    "soft_quantize",
+    "round_regularizer",
+    "hard_quantize",
+    "init_v",
+    "quant_range",
+]
+
+
+def quant_range(bits: int, symmetric: bool = True) -> Tuple[int, int]:
+    """Integer grid [n, p] for `bits`: signed symmetric or unsigned asymmetric (SPEC section 1)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def soft_quantize(weight, v, scale, zero_point, quant_min, quant_max, axis=None):
+    """W~ = s * (clip(floor(W/s) + h(V) + z, n, p) - z). Differentiable in `v` only."""
+    return _lib.soft_quantize(weight, v, scale, zero_point, quant_min, quant_max, axis)
+
+
+def round_regularizer(v, beta):
+    """sum(1 - |2 h(V) - 1|^beta). Differentiable in `v`."""
+    return _lib.round_regularizer(v, float(beta))
+
+
+def hard_quantize(weight, scale, zero_point, quant_min, quant_max, axis=None, mode="nearest",
+                  v=None, generator: Optional[torch.Generator] = None, noise=None):
+    """Integer codes and dequantized weights for nearest/floor/ceil/stochastic/adaptive rounding.
+
+    Stochastic rounding draws its uniform noise from `generator` (or takes `noise` directly).
+    """
+    if mode == "stochastic" and noise is None:
+        noise = torch.rand(weight.shape, generator=generator, device=weight.device,
+                           dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    return _lib.hard_quantize(weight, scale, zero_point, quant_min, quant_max, axis, mode, v, noise)
+
+
+def init_v(weight, scale, axis=None):
+    """V such that h(V) equals the fractional part of W/s (W~ == W inside the grid)."""
+    return _lib.init_v(weight, scale, axis)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- fake kernels: shapes and dtypes only, so the ops trace under torch.compile -------------
+
+@torch.library.register_fake("adaround::soft_quantize")
+def _(weight, v, scale, zero_point, quant_min, quant_max, axis=None):
+    torch._check(v.shape == weight.shape, lambda: "v must have the shape of weight")
+    return torch.empty_like(weight)
+
+
+@torch.library.register_fake("adaround::soft_quantize_backward")
+def _(grad_output, weight, v, scale, zero_point, quant_min, quant_max, axis=None):
+    return torch.empty_like(v)
+
+
+@torch.library.register_fake("adaround::round_regularizer")
+def _(v, beta):
+    return v.new_empty(())
+
+
+@torch.library.register_fake("adaround::round_regularizer_backward")
+def _(grad_output, v, beta):
+    return torch.empty_like(v)
+
+
+def _code_dtype(quant_min: int, quant_max: int) -> torch.dtype:
+    return torch.int8 if quant_min >= -128 and quant_max <= 127 else torch.uint8
+
+
+@torch.library.register_fake("adaround::hard_quantize")
+def _(weight, scale, zero_point, quant_min, quant_max, axis=None, mode="nearest", v=None, noise=None):
+    codes = torch.empty(weight.shape, dtype=_code_dtype(quant_min, quant_max), device=weight.device)
+    return codes, torch.empty_like(weight)
+
+
+@torch.library.register_fake("adaround::init_v")
+def _(weight, scale, axis=None):
+    return torch.empty(weight.shape, dtype=_compute_dtype(weight.dtype), device=weight.device)
+
+
+# ---- autograd ------------------------------------------------------------------------------
+
+def _soft_quantize_setup(ctx, inputs, output):
+    weight, v, scale, zero_point, quant_min, quant_max, axis = inputs
+    ctx.save_for_backward(weight, v, scale, zero_point)
+    ctx.grid = (quant_min, quant_max, axis)
+
+
+def _soft_quantize_backward(ctx, grad_output):
+    weight, v, scale, zero_point = ctx.saved_tensors
+    grad_v = None
+    if ctx.needs_input_grad[1]:
+        grad_v = _lib.soft_quantize_backward(grad_output, weight, v, scale, zero_point, *ctx.grid)
+    # The weight and the grid are fixed during AdaRound: no gradient flows to them.
+    return None, grad_v, None, None, None, None, None
+
+
+torch.library.register_autograd("adaround::soft_quantize", _soft_quantize_backward,
+                                setup_context=_soft_quantize_setup)
+
+
+def _regularizer_setup(ctx, inputs, output):
+    v, beta = inputs
+    ctx.save_for_backward(v)
+    ctx.beta = beta
+
+
+def _regularizer_backward(ctx, grad_output):
+    (v,) = ctx.saved_tensors
+    return _lib.round_regularizer_backward(grad_output, v, ctx.beta), None
+
+
+torch.library.register_autograd("adaround::round_regularizer", _regularizer_backward,
+                                setup_context=_regularizer_setup)
+
+
+@torch.library.register_fake("adaround::reconstruction_grad")
+def _(pre_activation, target, activation, norm):
+    return torch.empty_like(pre_activation)
+
+
+@torch.library.register_fake("adaround::adam_rounding_step_")
+def _(v, exp_avg, exp_avg_sq, soft_weight, grad_soft_weight, grid_base, scale, zero_point,
+      quant_min, quant_max, axis, reg_lambda, beta, lr, beta1, beta2, eps, step):
+    return None

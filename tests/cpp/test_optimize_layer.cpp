@@ -1,0 +1,94 @@
+// optimize_layer called as a plain C++ function.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "optimize_layer.h"
+#include "rounding_ops.h"
+
+namespace {
+
+struct ConvCase {
+  torch::Tensor weight, bias, inputs, targets, scale;
+};
+
+ConvCase make_case() {
+  torch::manual_seed(0);
+  ConvCase c;
+  c.weight = torch::randn({8, 4, 3, 3}) * 0.3;
+  c.bias = torch::randn({8}) * 0.1;
+  c.inputs = torch::randn({128, 4, 6, 6}) * 0.3;
+  c.targets = torch::relu(torch::conv2d(c.inputs, c.weight, c.bias, 1, 1));
+  c.scale = std::get<0>(c.weight.abs().flatten(1).max(1)) / 3;
+  return c;
+}
+
+TEST(OptimizeLayer, LearnsBetterThanNearestAndDecides) {
+  const auto c = make_case();
+  adaround::OptimizeOptions opt;
+  opt.iterations = 1500;
+  opt.lr = 1e-2;
+  opt.activation = "relu";
+  const auto r = adaround::optimize_layer(c.weight, c.bias, adaround::LayerGrid{c.scale, std::nullopt, -4, 3, 0},
+                                          c.inputs, c.targets, adaround::LayerGeometry{{1}, {1}, {1}, 1}, opt);
+  EXPECT_LT(r.adaround_error, r.nearest_error);
+  EXPECT_LT(r.undecided_fraction, 0.01);
+  EXPECT_FALSE(r.exact_mode);
+  EXPECT_EQ(r.loss_curve.size(0), 100);
+  // The returned weights are the dequantized codes.
+  EXPECT_TRUE(torch::allclose(r.quantized_weight, r.codes.to(torch::kFloat) * c.scale.view({8, 1, 1, 1})));
+  EXPECT_GE(r.codes.min().item<int>(), -4);
+  EXPECT_LE(r.codes.max().item<int>(), 3);
+}
+
+TEST(OptimizeLayer, SameSeedSameResult) {
+  const auto c = make_case();
+  adaround::OptimizeOptions opt;
+  opt.iterations = 40;
+  opt.activation = "relu";
+  const adaround::LayerGrid grid{c.scale, std::nullopt, -4, 3, 0};
+  const adaround::LayerGeometry conv{{1}, {1}, {1}, 1};
+  const auto a = adaround::optimize_layer(c.weight, c.bias, grid, c.inputs, c.targets, conv, opt);
+  const auto b = adaround::optimize_layer(c.weight, c.bias, grid, c.inputs, c.targets, conv, opt);
+  EXPECT_TRUE(torch::equal(a.v, b.v));
+}
+
+TEST(OptimizeLayer, BetaScheduleEndpoints) {
+  adaround::OptimizeOptions opt;
+  opt.iterations = 1000;
+  EXPECT_DOUBLE_EQ(adaround::beta_at(opt, 0), 20.0);
+  EXPECT_DOUBLE_EQ(adaround::beta_at(opt, 200), 20.0);
+  EXPECT_NEAR(adaround::beta_at(opt, 600), 11.0, 1e-9);  // cosine midpoint
+  EXPECT_DOUBLE_EQ(adaround::beta_at(opt, 1000), 2.0);
+  opt.schedule = "linear";
+  EXPECT_NEAR(adaround::beta_at(opt, 400), 15.5, 1e-9);
+}
+
+TEST(OptimizeLayer, RejectsBadInput) {
+  const auto c = make_case();
+  const adaround::LayerGrid grid{c.scale, std::nullopt, -4, 3, 0};
+  const adaround::LayerGeometry conv{{1}, {1}, {1}, 1};
+  auto error_of = [&](const torch::Tensor& inputs, const torch::Tensor& targets, adaround::OptimizeOptions opt) {
+    try {
+      adaround::optimize_layer(c.weight, c.bias, grid, inputs, targets, conv, opt);
+    } catch (const c10::Error& e) {
+      return std::string(e.what_without_backtrace());
+    }
+    return std::string("no error");
+  };
+  adaround::OptimizeOptions opt;
+  opt.iterations = 2;
+  auto nan_inputs = c.inputs.clone();
+  nan_inputs[3][1][2][2] = std::nanf("");
+  EXPECT_NE(error_of(nan_inputs, c.targets, opt).find("inputs contains NaN or Inf"), std::string::npos);
+  EXPECT_NE(error_of(c.inputs, c.targets.narrow(0, 0, 10), opt).find("targets hold 10"), std::string::npos);
+  EXPECT_NE(error_of(c.inputs, c.targets.narrow(2, 0, 5), opt).find("targets must have shape"), std::string::npos);
+  auto zero_iterations = opt;
+  zero_iterations.iterations = 0;
+  EXPECT_NE(error_of(c.inputs, c.targets, zero_iterations).find("iterations must be > 0"), std::string::npos);
+  auto big_batch = opt;
+  big_batch.batch_size = 129;
+  big_batch.mode = "minibatch";
+  EXPECT_NE(error_of(c.inputs, c.targets, big_batch).find("batch_size (129) is larger"), std::string::npos);
+}
+
+}  // namespace

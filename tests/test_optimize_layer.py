@@ -1,0 +1,205 @@
+"""optimize_layer against the plain-PyTorch AdaRound loop, convergence, exact mode, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adaround_ext as ae
+import reference as ref
+
+ops = torch.ops.adaround
+
+
+def run(w, b, scale, zp, n, p, axis, inputs, targets, geometry=None, **options):
+    geometry = geometry or {}
+    return ops.optimize_layer(
+        w, b, scale, zp, n, p, axis, inputs, targets,
+        list(geometry.get("stride", [1])), list(geometry.get("padding", [0])),
+        list(geometry.get("dilation", [1])), geometry.get("groups", 1), **options)
+
+
+def conv_case(device, activation, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    geometry = dict(stride=[2, 1], padding=[1, 1], dilation=[1, 1], groups=2)
+    w = (torch.randn(8, 3, 3, 3, generator=g) * 0.3).to(device)
+    b = (torch.randn(8, generator=g) * 0.1).to(device)
+    x = torch.randn(64, 6, 9, 7, generator=g).to(device)
+    x_hat = x + 0.05 * torch.randn(x.shape, generator=g).to(device)  # "partly quantized" inputs
+    targets = ref.ACTIVATIONS[activation](ref.layer_forward(x, w, b, geometry))
+    # Not amax / 7: an element exactly on a grid point sits where h(V) = 0 is a clip boundary, and
+    # one ulp decides whether its gradient is zero (Adam then moves it by lr or not at all).
+    scale = w.abs().amax(dim=(1, 2, 3)) / 7.4
+    return w, b, scale, None, -8, 7, 0, x_hat, targets, geometry
+
+
+def linear_case(device, activation, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(10, 12, generator=g) * 0.5).to(device)
+    b = (torch.randn(10, generator=g) * 0.1).to(device)
+    x = torch.randn(48, 12, generator=g).to(device)
+    targets = ref.ACTIVATIONS[activation](F.linear(x, w, b))
+    # With x^ == x the initial residual is rounding noise, which Adam scales up to lr-sized steps.
+    x_hat = x + 0.05 * torch.randn(x.shape, generator=g).to(device)
+    scale = (w.max() - w.min()).reshape(()) / 14.6  # off the grid points, as in conv_case
+    zp = torch.round(-w.min() / scale).reshape(())
+    return w, b, scale, zp, 0, 15, None, x_hat, targets, {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", [conv_case, linear_case])
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
+    w, b, scale, zp, n, p, axis, x, t, geometry = (
+        a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in case(device, activation))
+    opts = dict(iterations=50, batch_size=8, lr=1e-2, reg_lambda=0.05, warm_start=0.2, activation=activation, seed=3)
+    _, _, v, curve, *_ = run(w, b, scale, zp, n, p, axis, x, t, geometry, mode="minibatch", log_every=1, **opts)
+    ref_v, ref_losses = ref.adaround_loop(w, b, scale, zp, n, p, axis, x, t, geometry, **opts)
+    if dtype == torch.float64:
+        torch.testing.assert_close(curve.cpu().double(), ref_losses.double(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(v, ref_v, rtol=1e-8, atol=1e-8)
+    else:
+        # float32: summation order differs (GEMM vs autograd), and Adam turns a gradient that cancels
+        # to ~0 into a full lr step of either sign, so compare the losses and most of V.
+        torch.testing.assert_close(curve.cpu(), ref_losses.float(), rtol=2e-3, atol=1e-5)
+        assert ((v - ref_v).abs() < 1e-3).float().mean() > 0.95
+
+
+def test_same_seed_same_result(device):
+    w, b, scale, zp, n, p, axis, x, t, geometry = conv_case(device, "relu")
+    first = run(w, b, scale, zp, n, p, axis, x, t, geometry, iterations=30, seed=5, activation="relu")
+    second = run(w, b, scale, zp, n, p, axis, x, t, geometry, iterations=30, seed=5, activation="relu")
+    other = run(w, b, scale, zp, n, p, axis, x, t, geometry, iterations=30, seed=6, activation="relu")
+    assert torch.equal(first[2], second[2])
+    assert not torch.equal(first[2], other[2])
+
+
+def heldout_error(w_q, b, x, t, geometry, activation):
+    return ((ref.ACTIVATIONS[activation](ref.layer_forward(x, w_q, b, geometry)) - t) ** 2).sum().item()
+
+
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_converges_below_nearest_on_heldout_data(device, activation):
+    g = torch.Generator().manual_seed(1)
+    geometry = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
+    w = (torch.randn(16, 8, 3, 3, generator=g) * 0.2).to(device)
+    b = (torch.randn(16, generator=g) * 0.1).to(device)
+    # Correlated inputs make the rounding choices interact, as in real layers; the scale keeps the
+    # reconstruction error in the range that lambda = 0.01 is calibrated for.
+    mix = torch.randn(8, 8, generator=g) * 0.1
+    x = torch.einsum("nchw,cd->ndhw", torch.randn(512, 8, 6, 6, generator=g), mix).to(device)
+    t = ref.ACTIVATIONS[activation](ref.layer_forward(x, w, b, geometry))
+    scale = w.abs().amax(dim=(1, 2, 3)) / 3  # 3-bit grid
+    train, held = slice(0, 256), slice(256, 512)
+    quantized, _, v, _, nearest_err, ada_err, undecided, _ = run(
+        w, b, scale, None, -4, 3, 0, x[train], t[train], geometry, iterations=2000, lr=1e-2,
+        activation=activation, mode="minibatch")
+    nearest = ae.hard_quantize(w, scale, None, -4, 3, 0, "nearest")[1]
+    assert ada_err < nearest_err
+    assert heldout_error(quantized, b, x[held], t[held], geometry, activation) < \
+        0.8 * heldout_error(nearest, b, x[held], t[held], geometry, activation)
+    assert undecided < 0.01
+
+
+def test_exact_mode_loss_equals_direct_loss(device):
+    w, b, scale, zp, n, p, axis, x, _, geometry = conv_case(device, "none")
+    t = ref.layer_forward(x, w, b, geometry) + 0.1 * torch.randn(x.shape[0], 8, 5, 7, device=device)
+    *_, curve, _, _, _, exact = run(w, b, scale, zp, n, p, axis, x, t, geometry, iterations=1, log_every=1,
+                                    mode="exact", reg_lambda=0.0)
+    assert exact
+    w_soft = ae.soft_quantize(w, ae.init_v(w, scale, axis), scale, zp, n, p, axis)
+    direct = ((ref.layer_forward(x, w_soft, b, geometry) - t) ** 2).sum() / (t.shape[0] * t[0, 0].numel())
+    torch.testing.assert_close(curve[0].double().cpu(), direct.double().cpu(), rtol=1e-6, atol=1e-7)
+
+
+def test_exact_mode_no_worse_than_minibatch(device):
+    w, b, scale, zp, n, p, axis, x, t, geometry = conv_case(device, "none")
+    scale = scale * 7 / 3  # 3-bit
+    common = dict(iterations=1500, lr=1e-2, batch_size=8)
+    exact = run(w, b, scale, zp, -4, 3, axis, x, t, geometry, mode="exact", **common)
+    mini = run(w, b, scale, zp, -4, 3, axis, x, t, geometry, mode="minibatch", **common)
+    assert exact[7] and not mini[7]
+    assert exact[5] <= mini[5] * 1.02
+    assert exact[5] < exact[4]
+
+
+def test_auto_mode_prefers_exact_for_identity_and_small_kernels(device):
+    w, b, scale, zp, n, p, axis, x, t, _ = linear_case(device, "none")
+    assert run(w, b, scale, zp, n, p, axis, x, t, iterations=20, batch_size=8)[7]
+    w, b, scale, zp, n, p, axis, x, t, _ = linear_case(device, "relu")
+    assert not run(w, b, scale, zp, n, p, axis, x, t, iterations=20, batch_size=8, activation="relu")[7]
+
+
+def test_conv1d_and_depthwise(device):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 1, 3, generator=g).to(device)
+    x = torch.randn(32, 6, 20, generator=g).to(device)
+    geometry = dict(stride=[2], padding=[1], dilation=[2], groups=6)
+    t = F.conv1d(x, w, None, **geometry)
+    scale = w.abs().amax(dim=(1, 2)) / 3
+    out = run(w, None, scale, None, -4, 3, 0, x, t, geometry, iterations=200, lr=1e-2, mode="minibatch")
+    assert out[0].shape == w.shape and out[5] <= out[4]
+    exact = run(w, None, scale, None, -4, 3, 0, x, t, geometry, iterations=200, lr=1e-2, mode="exact")
+    assert exact[5] <= exact[4]
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def _good():
+    w = torch.randn(4, 3, 3, 3)
+    x = torch.randn(16, 3, 5, 5)
+    return dict(w=w, b=None, scale=torch.ones(4) * 0.1, zp=None, n=-8, p=7, axis=0, inputs=x,
+                targets=F.conv2d(x, w), geometry={})
+
+
+@pytest.mark.parametrize(
+    "change,options,match",
+    [
+        (dict(targets=torch.randn(16, 4, 2, 2)), {}, "targets must have shape"),
+        (dict(targets=torch.randn(15, 4, 3, 3)), {}, "inputs hold 16 samples but targets hold 15"),
+        (dict(inputs=torch.randn(16, 5, 5, 5)), {}, "inputs have 5 channels"),
+        (dict(inputs=torch.randn(16, 3, 25)), {}, "inputs must be 4-D"),
+        (dict(w=torch.randn(4, 3, 3, 3, 3)), {}, "weight must be 2-D"),
+        (dict(geometry=dict(stride=[1, 1, 1])), {}, "stride must have 1 or 2 entries"),
+        (dict(geometry=dict(groups=3)), {}, "groups \\(3\\) must divide"),
+        (dict(b=torch.zeros(3)), {}, "bias must have shape"),
+        ({}, dict(iterations=0), "iterations must be > 0"),
+        ({}, dict(batch_size=0), "batch_size must be > 0"),
+        ({}, dict(batch_size=17, mode="minibatch"), "batch_size \\(17\\) is larger than the cache"),
+        ({}, dict(activation="gelu"), "activation must be one of"),
+        ({}, dict(mode="exact", activation="relu"), "mode='exact' needs activation='none'"),
+        ({}, dict(mode="fast"), "mode must be one of"),
+        ({}, dict(schedule="step"), "schedule must be cosine or linear"),
+    ],
+)
+def test_bad_input(change, options, match):
+    a = _good()
+    a.update(change)
+    with pytest.raises(RuntimeError, match=match):
+        run(a["w"], a["b"], a["scale"], a["zp"], a["n"], a["p"], a["axis"], a["inputs"], a["targets"],
+            a["geometry"], iterations=options.pop("iterations", 5), batch_size=options.pop("batch_size", 4),
+            **options)
+
+
+@pytest.mark.parametrize("which", ["inputs", "targets"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_caches(which, value):
+    a = _good()
+    a[which] = a[which].clone()
+    a[which].view(-1)[7] = value
+    with pytest.raises(RuntimeError, match=f"{which} contains NaN or Inf"):
+        run(a["w"], a["b"], a["scale"], a["zp"], a["n"], a["p"], a["axis"], a["inputs"], a["targets"],
+            iterations=5, batch_size=4)
+
+
+def test_linear_rejects_conv_arguments():
+    w = torch.randn(4, 3)
+    x = torch.randn(8, 3)
+    with pytest.raises(RuntimeError, match="apply to convolutions only"):
+        run(w, None, torch.ones(4), None, -8, 7, 0, x, F.linear(x, w), dict(stride=[2]), iterations=2, batch_size=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_caches_on_another_device():
+    a = _good()
+    with pytest.raises(RuntimeError, match="inputs is on cpu but weight is on cuda"):
+        run(a["w"].cuda(), None, a["scale"].cuda(), None, -8, 7, 0, a["inputs"], a["targets"].cuda(),
+            iterations=2, batch_size=2)

@@ -25,7 +25,8 @@ def use_cuda() -> bool:
 
 
 def cpu_flags() -> list:
-    flags = ["-O3"]
+    # -fopenmp: at::parallel_for is inline and only runs in parallel when compiled with OpenMP.
+    flags = ["-O3", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64") and os.environ.get("ADAROUND_NO_AVX2", "0") != "1":
         # The CPU kernels use ATen's AVX2 vectors (SLEEF exp/log/pow from libtorch_cpu).
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
@@ -43,12 +44,14 @@ def extension():
             "adaround_ext._C",
             sources + rel("cuda/*.cu"),
             define_macros=[("ADAROUND_WITH_CUDA", None)],
+            extra_link_args=["-fopenmp"],
             extra_compile_args={
                 "cxx": cpu_flags(),
                 "nvcc": ["-O3", "--extended-lambda", "--expt-relaxed-constexpr"],
             },
         )
-    return CppExtension("adaround_ext._C", sources, extra_compile_args={"cxx": cpu_flags()})
+    return CppExtension("adaround_ext._C", sources, extra_compile_args={"cxx": cpu_flags()},
+                        extra_link_args=["-fopenmp"])
 
 
 setup(

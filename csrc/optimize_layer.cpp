@@ -22,6 +22,9 @@ constexpr double kAdamBeta2 = 0.999;
 constexpr double kAdamEps = 1e-8;
 // Rows of unfolded input per chunk when accumulating the Gram matrices or full-cache errors.
 constexpr int64_t kChunkElements = int64_t(1) << 24;
+// Output positions per sample up to which the CPU weight gradient is an im2col GEMM (measured
+// with benchmarks/bench_optimize_layer.py on the 2-core machine).
+constexpr int64_t kGemmMaxPositions = 8;
 
 // A layer whose arguments passed every check, with geometry expanded to the spatial rank.
 struct Layer {
@@ -107,14 +110,6 @@ Tensor forward(const Layer& layer, const Tensor& x, const Tensor& w, const std::
                          layer.groups);
 }
 
-Tensor weight_grad(const Layer& layer, const Tensor& grad_out, const Tensor& x, const Tensor& w) {
-  if (layer.spatial == 0) return grad_out.t().mm(x);
-  return std::get<1>(at::convolution_backward(grad_out, x, w, std::nullopt, layer.stride, layer.padding,
-                                              layer.dilation, false, layer.output_padding, layer.groups,
-                                              {false, true, false}))
-      .contiguous();
-}
-
 Tensor activate(Activation act, const Tensor& x) {
   if (act == Activation::kRelu) return at::relu(x);
   if (act == Activation::kRelu6) return at::clamp(x, 0, 6);
@@ -173,6 +168,21 @@ std::pair<Tensor, Tensor> unfold_chunk(const Layer& layer, const Tensor& w, cons
   Tensor xg = cols.view({n, g, k_per_group, positions}).permute({1, 0, 3, 2}).reshape({g, n * positions, k_per_group});
   Tensor tg = t4.reshape({n, g, out / g, positions}).permute({1, 0, 3, 2}).reshape({g, n * positions, out / g});
   return {xg, tg};
+}
+
+// dL/dW from dL/d(output) without the input gradient.
+Tensor weight_grad(const Layer& layer, const Tensor& grad_out, const Tensor& x, const Tensor& w) {
+  if (layer.spatial == 0) return grad_out.t().mm(x);
+  if (x.is_cpu() && layer.positions <= kGemmMaxPositions) {
+    // On the CPU oneDNN's weight gradient is slow for tiny feature maps (50 ms against 2 ms for
+    // 512x512x3x3 at 1x1); an im2col GEMM is not. From 4x4 outputs on, oneDNN wins.
+    auto [cols, grad_rows] = unfold_chunk(layer, w, x, grad_out);  // [g, rows, K], [g, rows, out_g]
+    return at::bmm(grad_rows.transpose(1, 2), cols).view(w.sizes());
+  }
+  return std::get<1>(at::convolution_backward(grad_out, x, w, std::nullopt, layer.stride, layer.padding,
+                                              layer.dilation, false, layer.output_padding, layer.groups,
+                                              {false, true, false}))
+      .contiguous();
 }
 
 GramSystem build_gram(const Layer& layer, const Tensor& w, const std::optional<Tensor>& bias, const Tensor& inputs,

@@ -70,8 +70,11 @@ ACTIVATIONS = {"none": lambda x: x, "relu": F.relu, "relu6": F.relu6}
 
 
 def adaround_loop(w, b, scale, zero_point, n, p, axis, inputs, targets, geometry, iterations, batch_size,
-                  lr, reg_lambda, warm_start, activation, seed):
-    """The paper's minibatch AdaRound with autograd and torch.optim.Adam. Returns (V, losses)."""
+                  lr, reg_lambda, warm_start, activation, seed, record_losses=True):
+    """The paper's minibatch AdaRound with autograd and torch.optim.Adam. Returns (V, losses).
+
+    record_losses=False skips the per-iteration host sync (for timing on a GPU).
+    """
     v = init_v(w, scale, axis).clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr)
     gen = torch.Generator(device=w.device).manual_seed(seed)
@@ -86,7 +89,8 @@ def adaround_loop(w, b, scale, zero_point, n, p, axis, inputs, targets, geometry
         loss = (act(pre) - y).pow(2).sum() / (batch_size * positions)
         if t >= warm:
             loss = loss + reg_lambda * regularizer(v, beta_at(t, iterations, warm_start))
-        losses.append(loss.item())
+        if record_losses:
+            losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
         opt.step()

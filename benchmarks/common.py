@@ -1,0 +1,49 @@
+"""Shared helpers of the benchmarks: timing and the ResNet18 shapes of the testbed."""
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # reference.py: the plain-PyTorch formulation
+
+# (name, weight shape, stride, input spatial size on the 32x32 Fashion-MNIST testbed, ImageNet size)
+RESNET18_CONVS = [
+    ("conv1", (64, 3, 7, 7), 2, 32, 224),
+    ("layer1.0.conv1", (64, 64, 3, 3), 1, 8, 56),
+    ("layer2.0.conv1", (128, 64, 3, 3), 2, 8, 56),
+    ("layer2.0.conv2", (128, 128, 3, 3), 1, 4, 28),
+    ("layer3.0.conv1", (256, 128, 3, 3), 2, 4, 28),
+    ("layer3.0.conv2", (256, 256, 3, 3), 1, 2, 14),
+    ("layer4.0.conv1", (512, 256, 3, 3), 2, 2, 14),
+    ("layer4.0.conv2", (512, 512, 3, 3), 1, 1, 7),
+]
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device, repeats=7, warmup=2):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def print_table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = "  ".join(f"{{:>{w}}}" for w in widths)
+    print(line.format(*header))
+    for row in rows:
+        print(line.format(*row))

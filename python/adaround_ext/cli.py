@@ -1,0 +1,138 @@
+"""The main job: quantize a ResNet and print FP32 / nearest / AdaRound accuracy.
+
+Default: resnet18 on Debian's Fashion-MNIST (trained first when no checkpoint exists), W4A8 in the
+paper's setting (per-tensor, weight-MSE grid) and per-channel. ImageNet: --data DIR --weights FILE.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+
+import torch
+
+from .config import QuantConfig
+from .quantize import quantize
+from .serialization import save_quantized
+from . import testbed
+
+# name: (description, QuantConfig overrides)
+SETTINGS = {
+    "w4a8": ("W4A8 per-channel, weight-MSE grid", dict(weight_bits=4, activation_bits=8, per_channel=True,
+                                                       scale_method="mse")),
+    "w4a8-paper": ("W4A8 per-tensor, weight-MSE grid (paper)", dict(weight_bits=4, activation_bits=8,
+                                                                    per_channel=False, scale_method="mse")),
+    "w4-pc": ("W4A32 per-channel, min-max grid", dict(weight_bits=4, activation_bits=None, per_channel=True,
+                                                     scale_method="minmax")),
+    "w3-pt": ("W3A32 per-tensor, min-max grid", dict(weight_bits=3, activation_bits=None, per_channel=False,
+                                                    scale_method="minmax")),
+    "w2-pc": ("W2A32 per-channel, min-max grid", dict(weight_bits=2, activation_bits=None, per_channel=True,
+                                                     scale_method="minmax")),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="adaround-quantize-resnet", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    p.add_argument("--settings", default="w4a8-paper,w4a8", help=f"comma-separated of {', '.join(SETTINGS)}")
+    p.add_argument("--iterations", type=int, default=QuantConfig.iterations)
+    p.add_argument("--samples", type=int, default=QuantConfig.num_samples, help="calibration images")
+    p.add_argument("--batch-size", type=int, default=QuantConfig.batch_size)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; the table gives mean and spread")
+    p.add_argument("--first-last-bits", type=int, default=None, help="bit width of the first and last layer")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="runs", help="where checkpoints, quantized models and reports go")
+    p.add_argument("--model-checkpoint", default=None, help="Fashion-MNIST FP32 checkpoint (trained when missing)")
+    p.add_argument("--train-epochs", type=int, default=3)
+    p.add_argument("--data", default=None, help="ImageNet val folder (ImageFolder layout); default Fashion-MNIST")
+    p.add_argument("--weights", default=None, help="torchvision pretrained weights file, with --data")
+    p.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.settings.split(",") if s not in SETTINGS]
+    if unknown:
+        p.error(f"unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
+    return args
+
+
+def load_fashion_model(args, log):
+    path = args.model_checkpoint or os.path.join(args.out, f"fashion_mnist_{args.arch}.pt")
+    model = testbed.resnet(args.arch, num_classes=10)
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        log(f"FP32 model: {path}")
+    else:
+        log(f"training {args.arch} on Fashion-MNIST for {args.train_epochs} epochs (no checkpoint at {path})")
+        images, labels = testbed.fashion_mnist("train")
+        testbed.train(model, images, labels, epochs=args.train_epochs, log=log)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        torch.save(model.state_dict(), path)
+        log(f"saved {path}")
+    return model.eval()
+
+
+def load_imagenet_model(args, log):
+    if not args.weights or not os.path.exists(args.weights):
+        raise SystemExit(f"--data needs --weights pointing at a torchvision {args.arch} checkpoint found locally")
+    model = testbed.resnet(args.arch, num_classes=1000)
+    model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    log(f"FP32 model: {args.weights}")
+    return model.eval()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    log = print
+    os.makedirs(args.out, exist_ok=True)
+    if args.data:
+        model = load_imagenet_model(args, log)
+        calib, _ = testbed.imagenet_val(args.data, limit=args.samples)
+        test_x, test_y = testbed.imagenet_val(args.data, limit=args.eval_images)
+    else:
+        model = load_fashion_model(args, log)
+        train_x, _ = testbed.fashion_mnist("train")
+        # A fixed random subset of the training images, labels unused.
+        calib = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[: args.samples]]
+        test_x, test_y = testbed.fashion_mnist("test")
+    if args.eval_images:
+        test_x, test_y = test_x[: args.eval_images], test_y[: args.eval_images]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fp32 = testbed.evaluate(model.to(device), test_x, test_y, device=device)
+    log(f"FP32 accuracy: {fp32:.2f}%")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = []
+    for setting in args.settings.split(","):
+        description, overrides = SETTINGS[setting]
+        common = dict(overrides, iterations=args.iterations, num_samples=args.samples, batch_size=args.batch_size,
+                      device=device, progress=not args.no_progress, first_layer_bits=args.first_last_bits,
+                      last_layer_bits=args.first_last_bits)
+        nearest_model = quantize(model, calib, QuantConfig(rounding="nearest", **common))
+        nearest = testbed.evaluate(nearest_model, test_x, test_y, device=device)
+        accs, times = [], []
+        for seed in seeds:
+            start = time.perf_counter()
+            q = quantize(model, calib, QuantConfig(rounding="adaround", seed=seed, **common),
+                         checkpoint_dir=os.path.join(args.out, f"ckpt_{args.arch}_{setting}_it{args.iterations}_s{seed}"))
+            accs.append(testbed.evaluate(q, test_x, test_y, device=device))
+            eval_time = time.perf_counter() - start - q.adaround_report.total_seconds
+            times.append(time.perf_counter() - start)
+            path = os.path.join(args.out, f"{args.arch}_{setting}_seed{seed}.pt")
+            save_quantized(q, path)
+            log(f"\n{description}, seed {seed}: AdaRound {accs[-1]:.2f}% (nearest {nearest:.2f}%), saved {path}")
+            log(q.adaround_report.table())
+            log(f"evaluation {eval_time:.1f} s")
+        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+        rows.append((description, f"{fp32:.2f}", f"{nearest:.2f}", f"{statistics.mean(accs):.2f}{spread}",
+                     f"{statistics.mean(times):.0f}"))
+    header = ("setting", "FP32", "nearest", "AdaRound", "time s")
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    log(f"\n{args.arch}, {args.iterations} iterations/layer, {args.samples} calibration images, seeds {args.seeds}")
+    for row in (header, *rows):
+        log("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(row, widths))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""QuantConfig: every knob of the pipeline, with the defaults of SPEC sections 1-3."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+ROUNDINGS = ("adaround", "nearest", "floor", "ceil", "stochastic")
+SCALE_METHODS = ("minmax", "mse")
+LOSS_ACTIVATIONS = ("auto", "none", "relu", "relu6")
+MODES = ("minibatch", "exact", "auto")
+SCHEDULES = ("cosine", "linear")
+
+
+@dataclass
+class QuantConfig:
+    weight_bits: int = 4
+    activation_bits: Optional[int] = 8  # None: weights only (A32)
+    per_channel: bool = True  # one scale per output channel, else one per layer
+    symmetric: bool = True  # signed [-2^(b-1), 2^(b-1)-1], else unsigned with a zero point
+    scale_method: str = "mse"  # "minmax" or "mse" (best clipping ratio for nearest rounding)
+    first_layer_bits: Optional[int] = None  # None: weight_bits
+    last_layer_bits: Optional[int] = None
+    rounding: str = "adaround"  # or a baseline: nearest, floor, ceil, stochastic
+    iterations: int = 10000
+    batch_size: int = 32
+    lr: float = 1e-3
+    reg_lambda: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warm_start: float = 0.2
+    schedule: str = "cosine"
+    loss_activation: str = "auto"  # "auto": the ReLU/ReLU6 that follows the layer, if any
+    asymmetric_reconstruction: bool = True  # inputs from the partly quantized model (x^)
+    mode: str = "auto"  # minibatch, exact (full-data Gram, identity loss only) or auto
+    num_samples: int = 1024
+    device: Optional[str] = None  # None: cuda when available, else cpu
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("weight_bits", "activation_bits", "first_layer_bits", "last_layer_bits"):
+            bits = getattr(self, name)
+            if bits is None and name != "weight_bits":
+                continue
+            if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+                raise ValueError(f"{name} must be an integer from 2 to 8, got {bits!r}")
+        choices = dict(rounding=ROUNDINGS, scale_method=SCALE_METHODS, loss_activation=LOSS_ACTIVATIONS,
+                       mode=MODES, schedule=SCHEDULES)
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for name in ("iterations", "batch_size", "num_samples"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.warm_start < 1:
+            raise ValueError(f"warm_start must be in [0, 1), got {self.warm_start}")
+
+    def layer_bits(self, index: int, count: int) -> int:
+        if index == 0 and self.first_layer_bits is not None:
+            return self.first_layer_bits
+        if index == count - 1 and self.last_layer_bits is not None:
+            return self.last_layer_bits
+        return self.weight_bits
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,100 @@
+"""Modules of the quantized model: integer weight codes with their grid, and 8-bit activations."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ActivationQuantizer(nn.Module):
+    """Per-tensor affine fake quantization of an activation (calibrated min/max range)."""
+
+    def __init__(self, scale: float, zero_point: int, quant_min: int, quant_max: int):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("zero_point", torch.tensor(int(zero_point), dtype=torch.int32))
+        self.quant_min = int(quant_min)
+        self.quant_max = int(quant_max)
+
+    def forward(self, x):
+        return torch.fake_quantize_per_tensor_affine(x, self.scale.to(x.device), self.zero_point.to(x.device),
+                                                     self.quant_min, self.quant_max)
+
+    def extra_repr(self):
+        return f"scale={self.scale.item():.4g}, zero_point={self.zero_point.item()}, range=[{self.quant_min}, {self.quant_max}]"
+
+
+class QuantizedLayer(nn.Module):
+    """A Linear, Conv1d or Conv2d whose weight is stored as integer codes.
+
+    weight = scale * (codes - zero_point), broadcast along `axis` (None: one scale for the tensor).
+    An optional input quantizer simulates the quantized activation that feeds the layer.
+    """
+
+    def __init__(self, kind: str, codes: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                 quant_min: int, quant_max: int, axis: Optional[int], bias: Optional[torch.Tensor],
+                 stride=(1,), padding=(0,), dilation=(1,), groups: int = 1):
+        super().__init__()
+        if kind not in ("linear", "conv1d", "conv2d"):
+            raise ValueError(f"kind must be linear, conv1d or conv2d, got {kind!r}")
+        self.kind = kind
+        self.register_buffer("codes", codes.detach().clone())
+        self.register_buffer("scale", scale.detach().float().clone())
+        zp = torch.zeros_like(self.scale) if zero_point is None else zero_point.detach().float().clone()
+        self.register_buffer("zero_point", zp)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.quant_min, self.quant_max, self.axis = int(quant_min), int(quant_max), axis
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self.groups = int(groups)
+        self.input_quantizer: Optional[ActivationQuantizer] = None
+
+    @property
+    def bits(self) -> int:
+        return (self.quant_max - self.quant_min + 1).bit_length() - 1
+
+    def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        if self.axis is None:
+            return t.reshape(())
+        shape = [1] * self.codes.dim()
+        shape[self.axis] = -1
+        return t.reshape(shape)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._broadcast(self.scale) * (self.codes.float() - self._broadcast(self.zero_point))
+
+    def forward(self, x):
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        w = self.dequantized_weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.kind == "linear":
+            return F.linear(x, w, bias)
+        conv = F.conv2d if self.kind == "conv2d" else F.conv1d
+        return conv(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self):
+        grid = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
+        return f"{self.kind}, weight={tuple(self.codes.shape)}, {self.bits}-bit {grid}"
+
+
+def layer_kind(module: nn.Module) -> Optional[str]:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
+    return None
+
+
+def geometry(module: nn.Module) -> dict:
+    if isinstance(module, nn.Linear):
+        return dict(stride=(1,), padding=(0,), dilation=(1,), groups=1)
+    if isinstance(module.padding, str):
+        raise ValueError(f"padding={module.padding!r} is not supported; use explicit padding")
+    if module.padding_mode != "zeros":
+        raise ValueError(f"padding_mode={module.padding_mode!r} is not supported; only zeros")
+    return dict(stride=tuple(module.stride), padding=tuple(module.padding), dilation=tuple(module.dilation),
+                groups=module.groups)

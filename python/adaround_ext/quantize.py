@@ -1,0 +1,308 @@
+"""The model pipeline (SPEC section 3): fold BN, initialise weight grids, learn the rounding of each
+Conv/Linear layer in execution order with torch.ops.adaround.optimize_layer, calibrate 8-bit
+activations."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Callable, Iterable, List, Optional, Union
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _C
+from ._ops import hard_quantize
+from .checkpoint import Checkpoint, fingerprint
+from .config import QuantConfig
+from .folding import conv_bn_pairs, fold_batchnorm
+from .layer import optimize_layer
+from .modules import ActivationQuantizer, QuantizedLayer, geometry, layer_kind
+from .report import LayerReport, QuantizationReport
+from .scales import init_activation_grid, init_weight_grid
+
+log = logging.getLogger("adaround_ext")
+
+CalibrationData = Union[torch.Tensor, Iterable]
+
+
+class _StopForward(Exception):
+    pass
+
+
+def collect_samples(data: CalibrationData, limit: int) -> torch.Tensor:
+    """First `limit` samples of a tensor, a DataLoader or any iterable of batches (labels ignored)."""
+    if isinstance(data, torch.Tensor):
+        batches = [data]
+    else:
+        batches = data
+    taken, count = [], 0
+    for batch in batches:
+        if isinstance(batch, (tuple, list)):
+            if not batch:
+                raise ValueError("calibration_data yielded an empty batch")
+            batch = batch[0]
+        if not isinstance(batch, torch.Tensor):
+            raise ValueError(f"calibration batches must be tensors (or tuples whose first item is one), got "
+                             f"{type(batch).__name__}")
+        if batch.dim() == 0:
+            raise ValueError("calibration batches must have a batch dimension")
+        taken.append(batch[: limit - count].detach().cpu())
+        count += taken[-1].shape[0]
+        if count >= limit:
+            break
+    if count == 0:
+        raise ValueError("calibration_data yielded no samples")
+    shapes = {tuple(t.shape[1:]) for t in taken}
+    if len(shapes) != 1:
+        raise ValueError(f"calibration batches have different sample shapes: {sorted(shapes)}")
+    return torch.cat(taken).float()
+
+
+def execution_order(model: nn.Module, example: torch.Tensor) -> List[str]:
+    """Names of the Conv/Linear layers in the order a forward pass calls them."""
+    order, handles = [], []
+    for name, module in model.named_modules():
+        if layer_kind(module) is not None:
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: order.append(name)))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))  # a layer called twice is quantized once
+
+
+def following_activations(model: nn.Module) -> dict:
+    """For each Conv/Linear, the activation applied to its output alone: relu, relu6 or none."""
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as exc:  # untraceable model: the loss uses no activation
+        log.warning("could not trace the model (%s); reconstruction losses use no activation", exc)
+        return {}
+    modules = dict(model.named_modules())
+
+    def kind_of(node):
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            if isinstance(m, nn.ReLU):
+                return "relu"
+            if isinstance(m, nn.ReLU6) or (isinstance(m, nn.Hardtanh) and (m.min_val, m.max_val) == (0.0, 6.0)):
+                return "relu6"
+            if isinstance(m, nn.Identity):
+                return "identity"
+        if node.op == "call_function" and node.target in (F.relu, torch.relu):
+            return "relu"
+        if node.op == "call_function" and node.target is F.relu6:
+            return "relu6"
+        if node.op == "call_method" and node.target == "relu":
+            return "relu"
+        return None
+
+    result = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or layer_kind(modules.get(node.target)) is None:
+            continue
+        current, act = node, "none"
+        while len(current.users) == 1:
+            user = next(iter(current.users))
+            kind = kind_of(user)
+            if kind == "identity":  # a folded BatchNorm
+                current = user
+                continue
+            act = kind or "none"
+            break
+        result[node.target] = act
+    return result
+
+
+def _capture(model: nn.Module, name: str, x: torch.Tensor, want_input: bool) -> torch.Tensor:
+    """Runs `model` on x up to layer `name` and returns that layer's input or output."""
+    box = {}
+
+    def hook(module, args, output=None):
+        box["value"] = args[0] if want_input else output
+        raise _StopForward
+
+    module = model.get_submodule(name)
+    handle = module.register_forward_pre_hook(hook) if want_input else module.register_forward_hook(hook)
+    try:
+        model(x)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "value" not in box:
+        raise RuntimeError(f"layer {name} was not called by the forward pass")
+    return box["value"]
+
+
+def cache_layer(q_model, fp_model, name, samples, activation, config, device, chunk=128):
+    """Cached (x^, f_a(W x + b)) for one layer, on `device`."""
+    inputs, targets = [], []
+    act = {"none": lambda t: t, "relu": F.relu, "relu6": F.relu6}[activation]
+    with torch.no_grad():
+        for batch in samples.split(chunk):
+            batch = batch.to(device)
+            source = q_model if config.asymmetric_reconstruction else fp_model
+            inputs.append(_capture(source, name, batch, want_input=True))
+            targets.append(act(_capture(fp_model, name, batch, want_input=False)))
+    return torch.cat(inputs), torch.cat(targets)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _rounded_up_fraction(weight, codes, scale, zero_point, axis):
+    shape = [1] * weight.dim()
+    if axis is not None:
+        shape[axis] = -1
+    s = scale.reshape(shape if axis is not None else ())
+    z = 0 if zero_point is None else zero_point.reshape(shape if axis is not None else ())
+    return (codes.float() > torch.floor(weight.float() / s) + z).float().mean().item()
+
+
+def calibrate_activations(model: nn.Module, samples: torch.Tensor, bits: int, device, chunk=128) -> None:
+    """Per-tensor min/max ranges of every quantized layer's input; installs the input quantizers."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+    ranges, handles = {}, []
+    for name, module in layers.items():
+        module.input_quantizer = None
+
+        def hook(m, args, name=name):
+            x = args[0].detach()
+            lo, hi = x.min().item(), x.max().item()
+            old = ranges.get(name, (lo, hi))
+            ranges[name] = (min(old[0], lo), max(old[1], hi))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in samples.split(chunk):
+                model(batch.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    for name, module in layers.items():
+        if name in ranges:
+            module.input_quantizer = ActivationQuantizer(*init_activation_grid(*ranges[name], bits)).to(device)
+
+
+def quantize(model: nn.Module, calibration_data: CalibrationData, config: Optional[QuantConfig] = None, *,
+             checkpoint_dir: Optional[str] = None,
+             on_layer_done: Optional[Callable[[int, str], None]] = None) -> nn.Module:
+    """Returns a quantized copy of `model` (the original is untouched).
+
+    The copy has BatchNorm folded, every Conv/Linear replaced by a QuantizedLayer (integer codes
+    and grid) and, with activation_bits, 8-bit input quantizers. Its `adaround_report` holds the
+    per-layer report. With `checkpoint_dir`, each finished layer is saved there and a rerun with
+    the same arguments resumes after the last finished layer.
+    """
+    config = config or QuantConfig()
+    config.validate()
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() and _C.cuda_compiled else "cpu"))
+    report = QuantizationReport(device=str(device), config=config.to_dict())
+    t0 = time.perf_counter()
+    samples = collect_samples(calibration_data, config.num_samples)
+
+    fp_model = copy.deepcopy(model).float().to(device).eval()
+    folded = [bn for _, bn in conv_bn_pairs(fp_model)] if _traceable(fp_model) else []
+    if folded:
+        fold_batchnorm(fp_model)
+    try:
+        layers = execution_order(fp_model, samples[:2].to(device))
+    except Exception as exc:
+        raise ValueError(f"calibration samples of shape {tuple(samples.shape[1:])} do not fit the model: {exc}") from exc
+    if not layers:
+        raise ValueError("the model has no Conv1d, Conv2d or Linear layer to quantize")
+    activations = following_activations(fp_model) if config.loss_activation == "auto" else {}
+    ckpt = Checkpoint(checkpoint_dir, fingerprint(fp_model, samples, config)) if checkpoint_dir else None
+
+    q_model = copy.deepcopy(fp_model)
+    progress = _progress(layers, config)
+    for index, name in enumerate(progress):
+        module = fp_model.get_submodule(name)
+        kind = layer_kind(module)
+        bits = config.layer_bits(index, len(layers))
+        saved = ckpt.load(name) if ckpt else None
+        if saved is not None:
+            state, layer_report = saved["state"], LayerReport(**saved["report"])
+        else:
+            state, layer_report = _quantize_layer(q_model, fp_model, name, module, kind, bits, index, samples,
+                                                  activations, config, device)
+            if ckpt:
+                ckpt.save(name, state, layer_report.to_dict())
+        _set_submodule(q_model, name, QuantizedLayer(kind, bias=module.bias, **state, **geometry(module)).to(device))
+        report.layers.append(layer_report)
+        if on_layer_done:
+            on_layer_done(index, name)
+
+    report.cache_seconds = sum(r.cache_seconds for r in report.layers)
+    report.optimize_seconds = sum(r.seconds for r in report.layers)
+    t_cal = time.perf_counter()
+    if config.activation_bits is not None:
+        calibrate_activations(q_model, samples, config.activation_bits, device)
+    report.calibrate_seconds = time.perf_counter() - t_cal
+    report.total_seconds = time.perf_counter() - t0
+    q_model.adaround_report = report
+    q_model.adaround_folded_batchnorm = folded
+    return q_model
+
+
+def _traceable(model: nn.Module) -> bool:
+    try:
+        fx.symbolic_trace(model)
+        return True
+    except Exception as exc:
+        log.warning("could not trace the model (%s); BatchNorm is not folded", exc)
+        return False
+
+
+def _progress(layers, config):
+    if not config.progress:
+        return layers
+    from tqdm.auto import tqdm
+
+    return tqdm(layers, desc=f"{config.rounding} W{config.weight_bits}", unit="layer")
+
+
+def _quantize_layer(q_model, fp_model, name, module, kind, bits, index, samples, activations, config, device):
+    weight = module.weight.detach()
+    scale, zero_point, n, p, axis = init_weight_grid(weight, bits, config.per_channel, config.symmetric,
+                                                     config.scale_method)
+    activation = activations.get(name, "none") if config.loss_activation == "auto" else config.loss_activation
+    report = LayerReport(name=name, kind=kind, shape=tuple(weight.shape), bits=bits, loss_activation=activation)
+    seed = config.seed * 1000 + index
+    if config.rounding == "adaround":
+        t_cache = time.perf_counter()
+        inputs, targets = cache_layer(q_model, fp_model, name, samples, activation, config, device)
+        report.cache_seconds = time.perf_counter() - t_cache
+        log.info("layer %s: caches on %s (%.1f MB)", name, inputs.device,
+                 (inputs.numel() + targets.numel()) * 4 / 2**20)
+        t_opt = time.perf_counter()
+        result = optimize_layer(weight, module.bias, scale, zero_point, n, p, axis, inputs, targets,
+                                **geometry(module), iterations=config.iterations, batch_size=config.batch_size,
+                                lr=config.lr, reg_lambda=config.reg_lambda, beta_start=config.beta_start,
+                                beta_end=config.beta_end, warm_start=config.warm_start, schedule=config.schedule,
+                                activation=activation, mode=config.mode, seed=seed)
+        report.seconds = time.perf_counter() - t_opt
+        codes = result.codes
+        report.mode = "exact" if result.exact_mode else "minibatch"
+        report.nearest_error = result.nearest_error
+        report.adaround_error = result.adaround_error
+        report.undecided_fraction = result.undecided_fraction
+        report.loss_curve = result.loss_curve.tolist()
+        del inputs, targets
+    else:
+        gen = torch.Generator(device=weight.device).manual_seed(seed)
+        codes = hard_quantize(weight, scale, zero_point, n, p, axis, config.rounding, generator=gen)[0]
+        report.mode = config.rounding
+    report.rounded_up_fraction = _rounded_up_fraction(weight, codes, scale, zero_point, axis)
+    state = dict(codes=codes.cpu(), scale=scale.cpu(), zero_point=None if zero_point is None else zero_point.cpu(),
+                 quant_min=n, quant_max=p, axis=axis)
+    return state, report

@@ -1,0 +1,53 @@
+"""Per-layer and per-model reports, as data and as printed tables."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str
+    shape: tuple
+    bits: int
+    loss_activation: str = "none"
+    mode: str = ""  # minibatch / exact for AdaRound, else the baseline rounding
+    nearest_error: Optional[float] = None
+    adaround_error: Optional[float] = None
+    undecided_fraction: Optional[float] = None
+    rounded_up_fraction: Optional[float] = None
+    seconds: float = 0.0  # optimisation
+    cache_seconds: float = 0.0
+    loss_curve: List[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class QuantizationReport:
+    device: str = "cpu"
+    config: dict = field(default_factory=dict)
+    layers: List[LayerReport] = field(default_factory=list)
+    cache_seconds: float = 0.0
+    optimize_seconds: float = 0.0
+    calibrate_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    def table(self) -> str:
+        fmt = lambda x, spec: "-" if x is None else format(x, spec)
+        header = ("layer", "shape", "bits", "f_a", "mode", "nearest", "adaround", "undecided", "up", "cache s", "opt s")
+        rows = [(r.name, "x".join(map(str, r.shape)), str(r.bits), r.loss_activation, r.mode,
+                 fmt(r.nearest_error, ".4g"), fmt(r.adaround_error, ".4g"), fmt(r.undecided_fraction, ".2%"),
+                 fmt(r.rounded_up_fraction, ".1%"), f"{r.cache_seconds:.1f}", f"{r.seconds:.1f}") for r in self.layers]
+        widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+        lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in (header, *rows)]
+        lines.append(f"time: caching {self.cache_seconds:.1f} s, optimisation {self.optimize_seconds:.1f} s, "
+                     f"activation calibration {self.calibrate_seconds:.1f} s, total {self.total_seconds:.1f} s "
+                     f"on {self.device}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

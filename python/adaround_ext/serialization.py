@@ -1,0 +1,69 @@
+"""Save a quantized model (integer codes + grids) and load it back into a fresh model."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from .modules import ActivationQuantizer, QuantizedLayer, layer_kind
+
+FORMAT = "adaround_ext/1"
+
+
+def _layer_state(m: QuantizedLayer) -> dict:
+    state = dict(kind=m.kind, codes=m.codes.cpu(), scale=m.scale.cpu(), zero_point=m.zero_point.cpu(),
+                 quant_min=m.quant_min, quant_max=m.quant_max, axis=m.axis,
+                 bias=None if m.bias is None else m.bias.cpu(), stride=m.stride, padding=m.padding,
+                 dilation=m.dilation, groups=m.groups, input_quantizer=None)
+    if m.input_quantizer is not None:
+        q = m.input_quantizer
+        state["input_quantizer"] = (q.scale.item(), int(q.zero_point.item()), q.quant_min, q.quant_max)
+    return state
+
+
+def save_quantized(model: nn.Module, path: str) -> None:
+    """Writes the quantized layers (int codes, scales, zero points), the folded BatchNorm names,
+    the remaining parameters and the report."""
+    layers = {name: _layer_state(m) for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+    if not layers:
+        raise ValueError("the model has no QuantizedLayer; quantize it first")
+    quantized_prefixes = tuple(name + "." for name in layers)
+    rest = {k: v.cpu() for k, v in model.state_dict().items() if not k.startswith(quantized_prefixes)}
+    report = getattr(model, "adaround_report", None)
+    torch.save({"format": FORMAT, "layers": layers, "folded_batchnorm": getattr(model, "adaround_folded_batchnorm", []),
+                "state": rest, "report": None if report is None else report.to_dict()}, path)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def load_quantized(model: nn.Module, path: str) -> nn.Module:
+    """Returns a copy of `model` (e.g. a fresh torchvision resnet18) with the saved quantization."""
+    try:
+        saved = torch.load(path, weights_only=False, map_location="cpu")
+    except (OSError, RuntimeError) as exc:
+        raise ValueError(f"cannot read a quantized model from {path!r}: {exc}") from exc
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not an adaround_ext quantized model ({FORMAT})")
+    model = copy.deepcopy(model).eval()
+    for name in saved["folded_batchnorm"]:
+        _set_submodule(model, name, nn.Identity())
+    for name, state in saved["layers"].items():
+        try:
+            original = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"the model has no layer {name!r} to load into") from exc
+        if layer_kind(original) != state["kind"] or tuple(original.weight.shape) != tuple(state["codes"].shape):
+            raise ValueError(f"layer {name!r} does not match: the model has {original}, the file a {state['kind']} "
+                             f"of weight shape {tuple(state['codes'].shape)}")
+        state = dict(state)
+        act = state.pop("input_quantizer")
+        layer = QuantizedLayer(**state)
+        if act is not None:
+            layer.input_quantizer = ActivationQuantizer(*act)
+        _set_submodule(model, name, layer)
+    model.load_state_dict(saved["state"], strict=False)
+    return model

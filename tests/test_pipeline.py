@@ -1,0 +1,193 @@
+"""End to end on a Fashion-MNIST subset: quantize(), baselines, save/load, resume, bad input."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import adaround_ext as ae
+from adaround_ext import testbed
+from adaround_ext.folding import fold_batchnorm
+from adaround_ext.quantize import execution_order, following_activations
+
+FAST = dict(iterations=300, lr=1e-2, num_samples=256, progress=False, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def data():
+    train_x, train_y = testbed.fashion_mnist("train")
+    test_x, test_y = testbed.fashion_mnist("test")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(train_x), generator=g)
+    return dict(train=(train_x[idx[:8000]], train_y[idx[:8000]]), calib=train_x[idx[8000:8256]],
+                test=(test_x[:2000], test_y[:2000]))
+
+
+@pytest.fixture(scope="session")
+def trained(data, tmp_path_factory):
+    """resnet18(num_classes=10) after a short training budget (2 epochs on 8000 images)."""
+    torch.manual_seed(0)
+    model = testbed.resnet("resnet18", 10)
+    testbed.train(model, *data["train"], epochs=2, log=lambda *_: None)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def fp32_accuracy(trained, data):
+    return testbed.evaluate(trained, *data["test"])
+
+
+def accuracy(model, data):
+    return testbed.evaluate(model, *data["test"])
+
+
+def test_fp32_model_learned(fp32_accuracy):
+    assert fp32_accuracy > 75.0
+
+
+def test_batchnorm_folding_keeps_outputs(trained, data):
+    folded = fold_batchnorm(copy.deepcopy(trained))
+    x = data["calib"][:16]
+    torch.testing.assert_close(folded(x), trained(x), rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
+def test_layer_order_and_following_activations(trained, data):
+    folded = fold_batchnorm(copy.deepcopy(trained))
+    order = execution_order(folded, data["calib"][:1])
+    assert order[0] == "conv1" and order[-1] == "fc" and len(order) == 21
+    assert order.index("layer2.0.downsample.0") > order.index("layer1.1.conv2")
+    acts = following_activations(folded)
+    assert acts["conv1"] == "relu" and acts["layer1.0.conv1"] == "relu"
+    assert acts["layer1.0.conv2"] == "none" and acts["layer2.0.downsample.0"] == "none" and acts["fc"] == "none"
+
+
+@pytest.fixture(scope="session")
+def w3_results(trained, data):
+    config = dict(FAST, weight_bits=3, per_channel=False, scale_method="minmax", activation_bits=None)
+    nearest = ae.quantize(trained, data["calib"], ae.QuantConfig(rounding="nearest", **config))
+    ada = ae.quantize(trained, data["calib"], ae.QuantConfig(rounding="adaround", **config))
+    return accuracy(nearest, data), accuracy(ada, data), ada
+
+
+def test_adaround_beats_nearest_at_w3_per_tensor(w3_results, fp32_accuracy):
+    nearest, ada, model = w3_results
+    # Measured: FP32 ~89, nearest ~40-60, AdaRound ~85 with this short budget.
+    assert ada > nearest + 15.0
+    assert ada > fp32_accuracy - 8.0
+    report = model.adaround_report
+    assert len(report.layers) == 21
+    assert all(r.adaround_error <= r.nearest_error * 1.05 for r in report.layers)
+
+
+def test_w4a8_stays_close_to_fp32(trained, data, fp32_accuracy):
+    q = ae.quantize(trained, data["calib"], ae.QuantConfig(weight_bits=4, activation_bits=8, **FAST))
+    assert accuracy(q, data) > fp32_accuracy - 3.0
+    layers = [m for m in q.modules() if isinstance(m, ae.QuantizedLayer)]
+    assert len(layers) == 21 and all(m.input_quantizer is not None for m in layers)
+    assert all(m.codes.dtype == torch.int8 and m.codes.min() >= -8 and m.codes.max() <= 7 for m in layers)
+
+
+def test_original_model_untouched(trained, data):
+    before = copy.deepcopy(trained.state_dict())
+    ae.quantize(trained, data["calib"][:64], ae.QuantConfig(rounding="nearest", **dict(FAST, num_samples=64)))
+    after = trained.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_save_load_roundtrip_gives_identical_logits(w3_results, data, tmp_path):
+    _, _, model = w3_results
+    path = tmp_path / "q.pt"
+    ae.save_quantized(model, str(path))
+    fresh = testbed.resnet("resnet18", 10)  # a fresh torchvision model, random weights
+    loaded = ae.load_quantized(fresh, str(path))
+    x = data["test"][0][:64]
+    assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("rounding", ["floor", "ceil", "stochastic"])
+def test_baselines_run_through_the_pipeline(trained, data, rounding):
+    config = ae.QuantConfig(rounding=rounding, weight_bits=4, activation_bits=None, **dict(FAST, num_samples=32))
+    q = ae.quantize(trained, data["calib"], config)
+    layer = q.get_submodule("layer1.0.conv1")
+    w = fold_batchnorm(copy.deepcopy(trained)).get_submodule("layer1.0.conv1").weight.detach()
+    ratio = w / layer.scale.view(-1, 1, 1, 1)
+    lower = torch.floor(ratio).clamp(-8, 7)
+    if rounding == "floor":
+        assert torch.equal(layer.codes.float(), lower)
+    elif rounding == "ceil":
+        assert torch.equal(layer.codes.float(), torch.ceil(ratio).clamp(-8, 7))
+    else:
+        up = (layer.codes.float() - lower)
+        assert set(up.unique().tolist()) <= {0.0, 1.0} and 0.2 < up.mean().item() < 0.8
+    assert 0 < accuracy(q, data) <= 100
+
+
+def test_resume_after_interruption_gives_the_same_model(trained, data, tmp_path):
+    config = ae.QuantConfig(weight_bits=3, activation_bits=None, **dict(FAST, iterations=40, num_samples=64))
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_layer_4(index, name):
+        if index == 4:
+            raise Interrupted
+
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(Interrupted):
+        ae.quantize(trained, data["calib"], config, checkpoint_dir=ckpt, on_layer_done=stop_after_layer_4)
+    assert len([f for f in os.listdir(ckpt) if f.startswith("layer.")]) == 5
+    resumed = ae.quantize(trained, data["calib"], config, checkpoint_dir=ckpt)
+    straight = ae.quantize(trained, data["calib"], config)
+    for (name, a), (_, b) in zip(resumed.named_buffers(), straight.named_buffers()):
+        assert torch.equal(a, b), name
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+def test_empty_calibration_data(trained):
+    with pytest.raises(ValueError, match="yielded no samples"):
+        ae.quantize(trained, [], ae.QuantConfig(**FAST))
+    with pytest.raises(ValueError, match="yielded no samples"):
+        ae.quantize(trained, torch.empty(0, 3, 32, 32), ae.QuantConfig(**FAST))
+
+
+def test_model_without_quantizable_layers():
+    model = nn.Sequential(nn.ReLU(), nn.Flatten())
+    with pytest.raises(ValueError, match="no Conv1d, Conv2d or Linear layer"):
+        ae.quantize(model, torch.randn(4, 3, 8, 8), ae.QuantConfig(**FAST))
+
+
+@pytest.mark.parametrize("field,value", [("weight_bits", 1), ("weight_bits", 9), ("activation_bits", 16),
+                                         ("first_layer_bits", 0)])
+def test_bits_out_of_range(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be an integer from 2 to 8"):
+        ae.QuantConfig(**{field: value})
+
+
+def test_calibration_batches_of_the_wrong_shape(trained):
+    with pytest.raises(ValueError, match="do not fit the model"):
+        ae.quantize(trained, torch.randn(8, 1, 32, 32), ae.QuantConfig(**FAST))
+    loader = [(torch.randn(4, 3, 32, 32), 0), (torch.randn(4, 3, 16, 16), 0)]
+    with pytest.raises(ValueError, match="different sample shapes"):
+        ae.quantize(trained, loader, ae.QuantConfig(**FAST))
+
+
+def test_checkpoint_directory_of_another_model(trained, data, tmp_path):
+    config = ae.QuantConfig(rounding="nearest", **dict(FAST, num_samples=16))
+    ae.quantize(trained, data["calib"], config, checkpoint_dir=str(tmp_path))
+    other = testbed.resnet("resnet18", 10).eval()
+    with pytest.raises(ValueError, match="holds a run of a different model"):
+        ae.quantize(other, data["calib"], config, checkpoint_dir=str(tmp_path))
+
+
+def test_load_into_a_mismatched_model(w3_results, tmp_path):
+    _, _, model = w3_results
+    path = tmp_path / "q.pt"
+    ae.save_quantized(model, str(path))
+    with pytest.raises(ValueError, match="does not match"):
+        ae.load_quantized(testbed.resnet("resnet18", 7), str(path))
+    with pytest.raises(ValueError, match="not an adaround_ext quantized model"):
+        torch.save({"x": 1}, str(tmp_path / "bad.pt"))
+        ae.load_quantized(testbed.resnet("resnet18", 10), str(tmp_path / "bad.pt"))

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+export PATH="$ROOT/.venv/bin:/usr/local/cuda/bin:$PATH"  # ninja and cmake from the venv; nvcc
 
 # --- Debian packages -----------------------------------------------------------------------
 missing=()

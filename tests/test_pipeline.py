@@ -11,7 +11,7 @@ from adaround_ext import testbed
 from adaround_ext.folding import fold_batchnorm
 from adaround_ext.quantize import execution_order, following_activations
 
-FAST = dict(iterations=300, lr=1e-2, num_samples=256, progress=False, device="cpu")
+FAST = dict(iterations=200, lr=1e-2, num_samples=256, progress=False, device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -20,13 +20,13 @@ def data():
     test_x, test_y = testbed.fashion_mnist("test")
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(train_x), generator=g)
-    return dict(train=(train_x[idx[:8000]], train_y[idx[:8000]]), calib=train_x[idx[8000:8256]],
+    return dict(train=(train_x[idx[:6000]], train_y[idx[:6000]]), calib=train_x[idx[6000:6256]],
                 test=(test_x[:2000], test_y[:2000]))
 
 
 @pytest.fixture(scope="session")
 def trained(data, tmp_path_factory):
-    """resnet18(num_classes=10) after a short training budget (2 epochs on 8000 images)."""
+    """resnet18(num_classes=10) after a short training budget (2 epochs on 6000 images)."""
     torch.manual_seed(0)
     model = testbed.resnet("resnet18", 10)
     testbed.train(model, *data["train"], epochs=2, log=lambda *_: None)

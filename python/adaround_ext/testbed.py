@@ -77,7 +77,10 @@ def train(model: nn.Module, images, labels, epochs: int = 3, batch_size: int = 1
 @torch.no_grad()
 def evaluate(model: nn.Module, images, labels, batch_size: int = 500, device=None) -> float:
     """Top-1 accuracy in percent."""
-    device = device or next(iter(model.buffers()), next(model.parameters())).device
+    if device is None:
+        tensor = next(iter(model.parameters()), None)
+        tensor = tensor if tensor is not None else next(iter(model.buffers()), None)
+        device = tensor.device if tensor is not None else "cpu"
     model.eval()
     correct = 0
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):

@@ -1,5 +1,7 @@
 #include "grid.h"
 
+#include <cmath>
+
 namespace adaround {
 
 at::ScalarType compute_dtype(at::ScalarType weight_dtype) {
@@ -89,6 +91,27 @@ void check_rounding_variable(const at::Tensor& weight, const at::Tensor& v, cons
   const auto expected = compute_dtype(weight.scalar_type());
   TORCH_CHECK(v.scalar_type() == expected, name, " must be ", expected, " for a ",
               weight.scalar_type(), " weight, got ", v.scalar_type());
+}
+
+void check_regularizer_args(const at::Tensor& v, double beta) {
+  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
+              "v must be float32 or float64, got ", v.scalar_type());
+  TORCH_CHECK(std::isfinite(beta) && beta >= 1.0, "beta must be finite and >= 1, got ", beta);
+}
+
+at::Tensor rounding_aux(RoundingMode mode, const at::Tensor& weight, const std::optional<at::Tensor>& v,
+                        const std::optional<at::Tensor>& noise) {
+  if (mode == RoundingMode::kAdaptive) {
+    TORCH_CHECK(v.has_value(), "mode='adaptive' needs v");
+    check_rounding_variable(weight, *v, "v");
+    return v->contiguous();
+  }
+  if (mode == RoundingMode::kStochastic) {
+    TORCH_CHECK(noise.has_value(), "mode='stochastic' needs noise (uniform samples in [0, 1))");
+    check_rounding_variable(weight, *noise, "noise");
+    return noise->contiguous();
+  }
+  return at::Tensor();
 }
 
 RoundingMode parse_rounding_mode(const std::string& mode) {

@@ -32,6 +32,14 @@ QuantGrid make_grid(const at::Tensor& weight, const at::Tensor& scale,
 // Checks that `v` can hold the rounding variables of `weight` (same shape, device, compute dtype).
 void check_rounding_variable(const at::Tensor& weight, const at::Tensor& v, const char* name);
 
+// Checks the round_regularizer arguments: V float32/float64, beta finite and >= 1.
+void check_regularizer_args(const at::Tensor& v, double beta);
+
+// The per-element input hard_quantize needs for `mode`: V (adaptive), the uniform noise
+// (stochastic), or an undefined tensor; checked against `weight` and made contiguous.
+at::Tensor rounding_aux(RoundingMode mode, const at::Tensor& weight, const std::optional<at::Tensor>& v,
+                        const std::optional<at::Tensor>& noise);
+
 // Parses the `mode` argument of hard_quantize.
 RoundingMode parse_rounding_mode(const std::string& mode);
 

@@ -18,6 +18,15 @@ inline void check_same_layout(const at::Tensor& reference, const at::Tensor& t, 
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+inline void check_reconstruction_args(const at::Tensor& pre, const at::Tensor& target) {
+  TORCH_CHECK(pre.sizes() == target.sizes(), "target must have the shape of pre_activation ", pre.sizes(),
+              ", got ", target.sizes());
+  TORCH_CHECK(pre.scalar_type() == target.scalar_type(), "target must be ", pre.scalar_type(), ", got ",
+              target.scalar_type());
+  TORCH_CHECK(pre.device() == target.device(), "target is on ", target.device(), " but pre_activation is on ",
+              pre.device());
+}
+
 // Validates the adam_rounding_step_ arguments (no host sync) and derives the grid and the Adam constants.
 inline StepArgs check_step_args(const at::Tensor& v, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                                   const at::Tensor& soft_weight, const at::Tensor& grad,

@@ -18,12 +18,7 @@ Tensor reconstruction_grad_cuda(const Tensor& pre, const Tensor& target, c10::st
                                 double norm) {
   c10::cuda::CUDAGuard guard(pre.device());
   const Activation act = parse_activation(std::string(activation));
-  TORCH_CHECK(pre.sizes() == target.sizes(), "target must have the shape of pre_activation ",
-              pre.sizes(), ", got ", target.sizes());
-  TORCH_CHECK(pre.scalar_type() == target.scalar_type(), "target must be ", pre.scalar_type(), ", got ",
-              target.scalar_type());
-  TORCH_CHECK(pre.device() == target.device(), "target is on ", target.device(), " but pre_activation is on ",
-              pre.device());
+  check_reconstruction_args(pre, target);
   const Tensor p = pre.contiguous();
   const Tensor t = target.contiguous();
   Tensor grad = at::empty_like(p);

@@ -101,12 +101,6 @@ Tensor soft_quantize_backward_cpu(const Tensor& grad_output, const Tensor& weigh
   return grad_v;
 }
 
-void check_regularizer_args(const Tensor& v, double beta) {
-  TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
-              "v must be float32 or float64, got ", v.scalar_type());
-  TORCH_CHECK(std::isfinite(beta) && beta >= 1.0, "beta must be finite and >= 1, got ", beta);
-}
-
 Tensor round_regularizer_cpu(const Tensor& v, double beta) {
   check_regularizer_args(v, beta);
   const Tensor vc = v.contiguous();
@@ -178,16 +172,7 @@ std::tuple<Tensor, Tensor> hard_quantize_cpu(const Tensor& weight, const Tensor&
   const QuantGrid grid = make_grid(weight, scale, zero_point, quant_min, quant_max, axis);
   const RoundingMode mode = parse_rounding_mode(std::string(mode_name));
   const Tensor w = weight.contiguous();
-  Tensor aux;
-  if (mode == RoundingMode::kAdaptive) {
-    TORCH_CHECK(v.has_value(), "mode='adaptive' needs v");
-    check_rounding_variable(weight, *v, "v");
-    aux = v->contiguous();
-  } else if (mode == RoundingMode::kStochastic) {
-    TORCH_CHECK(noise.has_value(), "mode='stochastic' needs noise (uniform samples in [0, 1))");
-    check_rounding_variable(weight, *noise, "noise");
-    aux = noise->contiguous();
-  }
+  const Tensor aux = rounding_aux(mode, weight, v, noise);
   Tensor codes = at::empty(w.sizes(), w.options().dtype(code_dtype(quant_min, quant_max)));
   Tensor dequant = at::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "hard_quantize_cpu", [&] {

@@ -16,10 +16,7 @@ using at::Tensor;
 Tensor reconstruction_grad_cpu(const Tensor& pre, const Tensor& target, c10::string_view activation,
                                double norm) {
   const Activation act = parse_activation(std::string(activation));
-  TORCH_CHECK(pre.sizes() == target.sizes(), "target must have the shape of pre_activation ",
-              pre.sizes(), ", got ", target.sizes());
-  TORCH_CHECK(pre.scalar_type() == target.scalar_type(), "target must be ", pre.scalar_type(), ", got ",
-              target.scalar_type());
+  check_reconstruction_args(pre, target);
   const Tensor p = pre.contiguous();
   const Tensor t = target.contiguous();
   Tensor grad = at::empty_like(p);

@@ -6,14 +6,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .modules import set_submodule
+
 _CONVS = (nn.Conv1d, nn.Conv2d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
 
 
 def conv_bn_pairs(model: nn.Module):
@@ -37,6 +35,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     for conv_name, bn_name in conv_bn_pairs(model):
         conv = model.get_submodule(conv_name)
         bn = model.get_submodule(bn_name)
-        _set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn))
-        _set_submodule(model, bn_name, nn.Identity())
+        set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn))
+        set_submodule(model, bn_name, nn.Identity())
     return model

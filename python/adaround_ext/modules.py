@@ -79,6 +79,12 @@ class QuantizedLayer(nn.Module):
         return f"{self.kind}, weight={tuple(self.codes.shape)}, {self.bits}-bit {grid}"
 
 
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replaces the submodule at dotted path `name` (e.g. "layer1.0.conv1")."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
 def layer_kind(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.Linear):
         return "linear"

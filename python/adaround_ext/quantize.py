@@ -19,7 +19,7 @@ from .checkpoint import Checkpoint, fingerprint
 from .config import QuantConfig
 from .folding import conv_bn_pairs, fold_batchnorm
 from .layer import optimize_layer
-from .modules import ActivationQuantizer, QuantizedLayer, geometry, layer_kind
+from .modules import ActivationQuantizer, QuantizedLayer, geometry, layer_kind, set_submodule
 from .report import LayerReport, QuantizationReport
 from .scales import init_activation_grid, init_weight_grid
 
@@ -153,9 +153,6 @@ def cache_layer(q_model, fp_model, name, samples, activation, config, device, ch
     return torch.cat(inputs), torch.cat(targets)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def _rounded_up_fraction(weight, codes, scale, zero_point, axis):
@@ -237,7 +234,7 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
                                                   activations, config, device)
             if ckpt:
                 ckpt.save(name, state, layer_report.to_dict())
-        _set_submodule(q_model, name, QuantizedLayer(kind, bias=module.bias, **state, **geometry(module)).to(device))
+        set_submodule(q_model, name, QuantizedLayer(kind, bias=module.bias, **state, **geometry(module)).to(device))
         report.layers.append(layer_report)
         if on_layer_done:
             on_layer_done(index, name)

@@ -6,7 +6,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from .modules import ActivationQuantizer, QuantizedLayer, layer_kind
+from .modules import ActivationQuantizer, QuantizedLayer, layer_kind, set_submodule
 
 FORMAT = "adaround_ext/1"
 
@@ -35,9 +35,6 @@ def save_quantized(model: nn.Module, path: str) -> None:
                 "state": rest, "report": None if report is None else report.to_dict()}, path)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
 def load_quantized(model: nn.Module, path: str) -> nn.Module:
@@ -50,7 +47,7 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"{path!r} is not an adaround_ext quantized model ({FORMAT})")
     model = copy.deepcopy(model).eval()
     for name in saved["folded_batchnorm"]:
-        _set_submodule(model, name, nn.Identity())
+        set_submodule(model, name, nn.Identity())
     for name, state in saved["layers"].items():
         try:
             original = model.get_submodule(name)
@@ -64,6 +61,6 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
         layer = QuantizedLayer(**state)
         if act is not None:
             layer.input_quantizer = ActivationQuantizer(*act)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     model.load_state_dict(saved["state"], strict=False)
     return model

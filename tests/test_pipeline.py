@@ -15,25 +15,6 @@ FAST = dict(iterations=200, lr=1e-2, num_samples=256, progress=False, device="cp
 
 
 @pytest.fixture(scope="session")
-def data():
-    train_x, train_y = testbed.fashion_mnist("train")
-    test_x, test_y = testbed.fashion_mnist("test")
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(train_x), generator=g)
-    return dict(train=(train_x[idx[:6000]], train_y[idx[:6000]]), calib=train_x[idx[6000:6256]],
-                test=(test_x[:2000], test_y[:2000]))
-
-
-@pytest.fixture(scope="session")
-def trained(data, tmp_path_factory):
-    """resnet18(num_classes=10) after a short training budget (2 epochs on 6000 images)."""
-    torch.manual_seed(0)
-    model = testbed.resnet("resnet18", 10)
-    testbed.train(model, *data["train"], epochs=2, log=lambda *_: None)
-    return model.eval()
-
-
-@pytest.fixture(scope="session")
 def fp32_accuracy(trained, data):
     return testbed.evaluate(trained, *data["test"])
 

@@ -15,6 +15,9 @@ import torch
 
 from .config import QuantConfig
 from .quantize import quantize
+from .encodings import export_encodings
+from .onnx_export import export_onnx
+from .plots import save_report_plot
 from .serialization import save_quantized
 from . import testbed
 
@@ -82,6 +85,20 @@ def load_imagenet_model(args, log):
     return model.eval()
 
 
+def write_artifacts(q, stem: str, example_input, title: str, log) -> None:
+    """Native checkpoint, AIMET encodings, ONNX QDQ model and the report PNG, side by side."""
+    save_quantized(q, stem + ".pt")
+    export_encodings(q, stem + ".encodings.json")
+    save_report_plot(q.adaround_report, stem + "_report.png", title=title)
+    written = [stem + ".pt", stem + ".encodings.json", stem + "_report.png"]
+    try:
+        export_onnx(q, example_input, stem + ".onnx")
+        written.append(stem + ".onnx")
+    except (ImportError, ValueError) as exc:  # e.g. onnx missing, or an activation grid QDQ cannot hold
+        log(f"ONNX export skipped: {exc}")
+    log("wrote " + ", ".join(written))
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -119,11 +136,11 @@ def main(argv=None):
             accs.append(testbed.evaluate(q, test_x, test_y, device=device))
             eval_time = time.perf_counter() - start - q.adaround_report.total_seconds
             times.append(time.perf_counter() - start)
-            path = os.path.join(args.out, f"{args.arch}_{setting}_seed{seed}.pt")
-            save_quantized(q, path)
-            log(f"\n{description}, seed {seed}: AdaRound {accs[-1]:.2f}% (nearest {nearest:.2f}%), saved {path}")
+            stem = os.path.join(args.out, f"{args.arch}_{setting}_seed{seed}")
+            log(f"\n{description}, seed {seed}: AdaRound {accs[-1]:.2f}% (nearest {nearest:.2f}%)")
             log(q.adaround_report.table())
             log(f"evaluation {eval_time:.1f} s")
+            write_artifacts(q, stem, test_x[:2], f"{args.arch} {description}, seed {seed}", log)
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         rows.append((description, f"{fp32:.2f}", f"{nearest:.2f}", f"{statistics.mean(accs):.2f}{spread}",
                      f"{statistics.mean(times):.0f}"))

@@ -2,6 +2,7 @@
 // at::convolution/at::linear, the weight gradient only, and two fused passes per iteration
 // (reconstruction_grad and adam_rounding_step_, CPU and CUDA kernels).
 #include "optimize_layer.h"
+#include "progress.h"
 
 #include <ATen/Context.h>
 #include <torch/library.h>
@@ -335,6 +336,7 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
   gen.set_current_seed(uint64_t(opt.seed));
   const auto index_options = w.options().dtype(at::kLong);
 
+  if (opt.on_progress) opt.on_progress(0, opt.iterations);
   for (int64_t t = 0; t < opt.iterations; ++t) {
     const bool regularize = t >= warm_iterations;
     const double lambda = regularize ? opt.reg_lambda : 0.0;
@@ -359,6 +361,7 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
     ops::adam_rounding_step_(v, exp_avg, exp_avg_sq, w_soft, grad_w, grid_base, grid.scale, grid.zero_point,
                              grid.qmin, grid.qmax, grid_args.axis, lambda, beta, opt.lr, kAdamBeta1, kAdamBeta2,
                              kAdamEps, t + 1);
+    if (opt.on_progress) opt.on_progress(t + 1, opt.iterations);
   }
 
   OptimizeResult result;
@@ -403,6 +406,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, double, double, double, bool> optimiz
   opt.seed = seed;
   opt.log_every = log_every;
   opt.allow_tf32 = allow_tf32;
+  opt.on_progress = progress::report;
   const OptimizeResult r = optimize_layer(weight, bias, LayerGrid{scale, zero_point, quant_min, quant_max, axis},
                                           inputs, targets, LayerGeometry{stride, padding, dilation, groups}, opt);
   return {r.quantized_weight, r.codes, r.v,           r.loss_curve, r.nearest_error, r.adaround_error,

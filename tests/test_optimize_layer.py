@@ -72,6 +72,21 @@ def test_same_seed_same_result(device):
     assert not torch.equal(first[2], other[2])
 
 
+def test_progress_counter_and_iteration_bar(device, capsys):
+    """The op reports every iteration to the counter the Python progress bar polls."""
+    from adaround_ext import _C
+
+    w, b, scale, zp, n, p, axis, x, t, geometry = conv_case(device, "relu")
+    _C.reset_optimize_progress()
+    assert _C.optimize_progress() == (0, 0)
+    run(w, b, scale, zp, n, p, axis, x, t, geometry, iterations=37, activation="relu")
+    assert _C.optimize_progress() == (37, 37)
+    ae.optimize_layer(w, b, scale, zp, n, p, axis, x, t, **geometry, iterations=23, activation="relu",
+                      progress="bar-test")
+    assert _C.optimize_progress() == (23, 23)
+    assert "bar-test" in capsys.readouterr().err
+
+
 def heldout_error(w_q, b, x, t, geometry, activation):
     return ((ref.ACTIVATIONS[activation](ref.layer_forward(x, w_q, b, geometry)) - t) ** 2).sum().item()
 

@@ -52,6 +52,18 @@ TEST(OptimizeLayer, SameSeedSameResult) {
   EXPECT_TRUE(torch::equal(a.v, b.v));
 }
 
+TEST(OptimizeLayer, ReportsProgressEveryIteration) {
+  const auto c = make_case();
+  adaround::OptimizeOptions opt;
+  opt.iterations = 25;
+  std::vector<std::pair<int64_t, int64_t>> calls;
+  opt.on_progress = [&calls](int64_t done, int64_t total) { calls.emplace_back(done, total); };
+  adaround::optimize_layer(c.weight, c.bias, adaround::LayerGrid{c.scale, std::nullopt, -4, 3, 0}, c.inputs,
+                           c.targets, adaround::LayerGeometry{{1}, {1}, {1}, 1}, opt);
+  ASSERT_EQ(calls.size(), 26u);
+  for (int64_t i = 0; i <= 25; ++i) EXPECT_EQ(calls[i], std::make_pair(i, int64_t(25)));
+}
+
 TEST(OptimizeLayer, BetaScheduleEndpoints) {
   adaround::OptimizeOptions opt;
   opt.iterations = 1000;

@@ -50,8 +50,14 @@ Layer check_layer(const Tensor& weight, const std::optional<Tensor>& bias, const
   TORCH_CHECK(weight.dim() >= 2 && weight.dim() <= 4,
               "weight must be 2-D (Linear), 3-D (Conv1d) or 4-D (Conv2d), got shape ", weight.sizes());
   TORCH_CHECK(weight.is_floating_point(), "weight must be floating point, got ", weight.scalar_type());
+  // Caches live with the weight, or in (pinned) host memory for a CUDA weight: then they are streamed.
+  TORCH_CHECK(inputs.device() == targets.device(), "inputs are on ", inputs.device(), " but targets are on ",
+              targets.device(), "; both caches must be on the same device");
+  const bool streamed = inputs.is_cpu() && weight.is_cuda();
   for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&inputs, "inputs"}, {&targets, "targets"}}) {
-    TORCH_CHECK(t->device() == weight.device(), name, " is on ", t->device(), " but weight is on ", weight.device());
+    TORCH_CHECK(t->device() == weight.device() || (streamed && t->is_cpu()), name, " is on ", t->device(),
+                " but weight is on ", weight.device(), " (caches go on the weight's device, or both on the CPU "
+                "for a CUDA weight)");
     TORCH_CHECK(t->is_floating_point(), name, " must be floating point, got ", t->scalar_type());
     TORCH_CHECK(t->dim() == weight.dim(), name, " must be ", weight.dim(), "-D for a weight of shape ",
                 weight.sizes(), ", got shape ", t->sizes());
@@ -129,8 +135,8 @@ double reconstruction_error(const Layer& layer, Activation act, const Tensor& w,
   Tensor total = at::zeros({}, w.options().dtype(at::kDouble));
   for (int64_t start = 0; start < n; start += step) {
     const int64_t len = std::min(step, n - start);
-    const Tensor x = inputs.narrow(0, start, len).to(w.scalar_type());
-    const Tensor t = targets.narrow(0, start, len).to(w.scalar_type());
+    const Tensor x = inputs.narrow(0, start, len).to(w.device(), w.scalar_type());
+    const Tensor t = targets.narrow(0, start, len).to(w.device(), w.scalar_type());
     total += (activate(act, forward(layer, x, w, bias)) - t).pow(2).sum(at::kDouble);
   }
   return total.item<double>() / double(n * layer.positions);
@@ -171,6 +177,16 @@ std::pair<Tensor, Tensor> unfold_chunk(const Layer& layer, const Tensor& w, cons
   return {xg, tg};
 }
 
+// The rows `idx` of a host cache, gathered into pinned memory and copied asynchronously to w's device.
+// The caching host allocator keeps each staging block alive until its copy has finished.
+Tensor gather_to_device(const Tensor& cache, const Tensor& idx, const Tensor& w) {
+  std::vector<int64_t> shape(cache.sizes().begin(), cache.sizes().end());
+  shape[0] = idx.size(0);
+  Tensor staging = at::empty(shape, cache.options().pinned_memory(cache.is_pinned()));
+  at::index_select_out(staging, cache, 0, idx);
+  return staging.to(w.device(), w.scalar_type(), /*non_blocking=*/true);
+}
+
 // dL/dW from dL/d(output) without the input gradient.
 Tensor weight_grad(const Layer& layer, const Tensor& grad_out, const Tensor& x, const Tensor& w) {
   if (layer.spatial == 0) return grad_out.t().mm(x);
@@ -198,13 +214,13 @@ GramSystem build_gram(const Layer& layer, const Tensor& w, const std::optional<T
   const int64_t step = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, layer.positions * k * g));
   for (int64_t start = 0; start < n; start += step) {
     const int64_t len = std::min(step, n - start);
-    Tensor t = targets.narrow(0, start, len).to(at::kDouble);
+    Tensor t = targets.narrow(0, start, len).to(w.device(), at::kDouble);
     if (bias.has_value()) {
       std::vector<int64_t> shape(t.dim(), 1);
       shape[1] = -1;
       t = t - bias->to(at::kDouble).view(shape);
     }
-    auto [xg, rg] = unfold_chunk(layer, w, inputs.narrow(0, start, len).to(at::kDouble), t);
+    auto [xg, rg] = unfold_chunk(layer, w, inputs.narrow(0, start, len).to(w.device(), at::kDouble), t);
     const Tensor xt = xg.transpose(1, 2);
     sys.gram.baddbmm_(xt, xg);
     cross.baddbmm_(xt, rg);
@@ -332,9 +348,12 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
   const int64_t warm_iterations = int64_t(opt.warm_start * double(opt.iterations));
   const double norm = 1.0 / double(opt.batch_size * layer.positions);
 
-  at::Generator gen = at::globalContext().defaultGenerator(w.device()).clone();
+  // Minibatch indices are drawn where the caches are: on the device (no host sync), or on the host
+  // when the caches are streamed from pinned memory.
+  at::Generator gen = at::globalContext().defaultGenerator(inputs.device()).clone();
   gen.set_current_seed(uint64_t(opt.seed));
-  const auto index_options = w.options().dtype(at::kLong);
+  const auto index_options = inputs.options().dtype(at::kLong);
+  const bool streamed = inputs.device() != w.device();
 
   if (opt.on_progress) opt.on_progress(0, opt.iterations);
   for (int64_t t = 0; t < opt.iterations; ++t) {
@@ -348,8 +367,8 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
       if (log_now) loss = gram_loss(gram, w_soft);
     } else {
       const Tensor idx = at::randint(n, {opt.batch_size}, gen, index_options);
-      const Tensor x = inputs.index_select(0, idx).to(work_dtype);
-      const Tensor y = targets.index_select(0, idx).to(work_dtype);
+      const Tensor x = streamed ? gather_to_device(inputs, idx, w) : inputs.index_select(0, idx).to(work_dtype);
+      const Tensor y = streamed ? gather_to_device(targets, idx, w) : targets.index_select(0, idx).to(work_dtype);
       const Tensor pre = forward(layer, x, w_soft, b);
       grad_w = weight_grad(layer, ops::reconstruction_grad(pre, y, opt.activation, norm), x, w_soft);
       if (log_now) loss = (activate(act, pre) - y).pow(2).sum() * norm;

@@ -215,6 +215,24 @@ def test_linear_rejects_conv_arguments():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_caches_on_another_device():
     a = _good()
-    with pytest.raises(RuntimeError, match="inputs is on cpu but weight is on cuda"):
+    with pytest.raises(RuntimeError, match="inputs are on cpu but targets are on cuda"):
         run(a["w"].cuda(), None, a["scale"].cuda(), None, -8, 7, 0, a["inputs"], a["targets"].cuda(),
             iterations=2, batch_size=2)
+    with pytest.raises(RuntimeError, match="inputs is on cuda:0 but weight is on cpu"):
+        run(a["w"], None, a["scale"], None, -8, 7, 0, a["inputs"].cuda(), a["targets"].cuda(),
+            iterations=2, batch_size=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["exact", "minibatch"])
+def test_caches_streamed_from_pinned_host_memory(mode):
+    """A CUDA weight with caches in pinned host memory: exact mode sees the same data as with device
+    caches (same result); minibatch mode draws its indices on the host and still learns."""
+    w, b, scale, zp, n, p, axis, x, t, geometry = conv_case("cuda", "none")
+    options = dict(iterations=300, lr=1e-2, activation="none", mode=mode)
+    on_device = run(w, b, scale, zp, n, p, axis, x, t, geometry, **options)
+    streamed = run(w, b, scale, zp, n, p, axis, x.cpu().pin_memory(), t.cpu().pin_memory(), geometry, **options)
+    assert streamed[0].device.type == "cuda"
+    if mode == "exact":
+        torch.testing.assert_close(streamed[2], on_device[2], rtol=1e-4, atol=1e-4)
+    assert streamed[5] < streamed[4]  # AdaRound below nearest on the cache

@@ -172,3 +172,31 @@ def test_load_into_a_mismatched_model(w3_results, tmp_path):
     with pytest.raises(ValueError, match="not an adaround_ext quantized model"):
         torch.save({"x": 1}, str(tmp_path / "bad.pt"))
         ae.load_quantized(testbed.resnet("resnet18", 10), str(tmp_path / "bad.pt"))
+
+
+def test_cache_placement_choices():
+    from adaround_ext.quantize import cache_location
+
+    with pytest.raises(ValueError, match="cache_placement"):
+        ae.QuantConfig(cache_placement="gpu")
+    config = lambda placement: ae.QuantConfig(cache_placement=placement, progress=False)  # noqa: E731
+    # Host caches only make sense for a CUDA device; the decision itself needs no GPU for these two.
+    assert cache_location(config("host"), torch.device("cuda"), 10) == "pinned host"
+    assert cache_location(config("device"), torch.device("cuda"), 10**15) == "device"
+    for placement in ("auto", "host", "device"):
+        assert cache_location(config(placement), torch.device("cpu"), 10**15) == "device"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not ae.CUDA_COMPILED, reason="needs a CUDA device")
+def test_caches_in_pinned_host_memory_are_streamed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    x = torch.randn(64, 3, 8, 8)
+    common = dict(weight_bits=4, activation_bits=None, iterations=50, num_samples=64, progress=False, device="cuda")
+    host = ae.quantize(model, x, ae.QuantConfig(cache_placement="host", **common))
+    device = ae.quantize(model, x, ae.QuantConfig(cache_placement="device", **common))
+    assert [r.cache_location for r in host.adaround_report.layers] == ["pinned host"] * 2
+    assert [r.cache_location for r in device.adaround_report.layers] == ["cuda"] * 2
+    assert "pinned host" in host.adaround_report.table()
+    with torch.no_grad():
+        assert torch.isfinite(host(x.cuda())).all()

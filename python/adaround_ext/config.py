@@ -10,6 +10,7 @@ SCALE_METHODS = ("minmax", "mse")
 LOSS_ACTIVATIONS = ("auto", "none", "relu", "relu6")
 MODES = ("minibatch", "exact", "auto")
 SCHEDULES = ("cosine", "linear")
+CACHE_PLACEMENTS = ("auto", "device", "host")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class QuantConfig:
     asymmetric_reconstruction: bool = True  # inputs from the partly quantized model (x^)
     mode: str = "auto"  # minibatch, exact (full-data Gram, identity loss only) or auto
     num_samples: int = 1024
+    # Where the per-layer caches live: "device" (with the weights), "host" (pinned CPU memory, streamed
+    # to the GPU a minibatch at a time; CUDA only) or "auto" (device when they fit in free GPU memory).
+    cache_placement: str = "auto"
     device: Optional[str] = None  # None: cuda when available, else cpu
     seed: int = 0
     progress: bool = True
@@ -49,7 +53,7 @@ class QuantConfig:
             if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
                 raise ValueError(f"{name} must be an integer from 2 to 8, got {bits!r}")
         choices = dict(rounding=ROUNDINGS, scale_method=SCALE_METHODS, loss_activation=LOSS_ACTIVATIONS,
-                       mode=MODES, schedule=SCHEDULES)
+                       mode=MODES, schedule=SCHEDULES, cache_placement=CACHE_PLACEMENTS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

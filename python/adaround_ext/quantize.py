@@ -141,16 +141,40 @@ def _capture(model: nn.Module, name: str, x: torch.Tensor, want_input: bool) -> 
 
 
 def cache_layer(q_model, fp_model, name, samples, activation, config, device, chunk=128):
-    """Cached (x^, f_a(W x + b)) for one layer, on `device`."""
-    inputs, targets = [], []
+    """Cached (x^, f_a(W x + b)) for one layer: on `device`, or in pinned host memory (see
+    QuantConfig.cache_placement) from where optimize_layer streams minibatches to the GPU."""
     act = {"none": lambda t: t, "relu": F.relu, "relu6": F.relu6}[activation]
+    source = q_model if config.asymmetric_reconstruction else fp_model
+    inputs = targets = None
     with torch.no_grad():
-        for batch in samples.split(chunk):
-            batch = batch.to(device)
-            source = q_model if config.asymmetric_reconstruction else fp_model
-            inputs.append(_capture(source, name, batch, want_input=True))
-            targets.append(act(_capture(fp_model, name, batch, want_input=False)))
-    return torch.cat(inputs), torch.cat(targets)
+        for start in range(0, len(samples), chunk):
+            batch = samples[start:start + chunk].to(device)
+            x = _capture(source, name, batch, want_input=True)
+            y = act(_capture(fp_model, name, batch, want_input=False))
+            if inputs is None:
+                where = cache_location(config, device, len(samples) * (x[0].numel() + y[0].numel()) * 4)
+                inputs, targets = (_empty_cache(len(samples), t, where, device) for t in (x, y))
+            inputs[start:start + len(batch)].copy_(x, non_blocking=True)
+            targets[start:start + len(batch)].copy_(y, non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the last device-to-host copies are done before the loop reads
+    return inputs, targets
+
+
+def cache_location(config, device, nbytes: int) -> str:
+    """ "device" or "pinned host" for caches of `nbytes` (host only with a CUDA device)."""
+    if device.type != "cuda" or config.cache_placement == "device":
+        return "device"
+    if config.cache_placement == "host":
+        return "pinned host"
+    free, _ = torch.cuda.mem_get_info(device)
+    return "device" if nbytes < 0.6 * free else "pinned host"  # room left for the loop's own buffers
+
+
+def _empty_cache(n, like, where, device):
+    if where == "device":
+        return torch.empty((n, *like.shape[1:]), dtype=like.dtype, device=device)
+    return torch.empty((n, *like.shape[1:]), dtype=like.dtype, pin_memory=True)
 
 
 
@@ -279,8 +303,10 @@ def _quantize_layer(q_model, fp_model, name, module, kind, bits, index, samples,
         t_cache = time.perf_counter()
         inputs, targets = cache_layer(q_model, fp_model, name, samples, activation, config, device)
         report.cache_seconds = time.perf_counter() - t_cache
-        log.info("layer %s: caches on %s (%.1f MB)", name, inputs.device,
-                 (inputs.numel() + targets.numel()) * 4 / 2**20)
+        report.cache_location = "pinned host" if inputs.device != device else str(device)
+        log.info("layer %s: caches %s (%.1f MB)%s", name, report.cache_location,
+                 (inputs.numel() + targets.numel()) * 4 / 2**20,
+                 ", streamed to the GPU per minibatch" if inputs.device != device else "")
         t_opt = time.perf_counter()
         result = optimize_layer(weight, module.bias, scale, zero_point, n, p, axis, inputs, targets,
                                 **geometry(module), iterations=config.iterations, batch_size=config.batch_size,

@@ -20,6 +20,7 @@ class LayerReport:
     rounded_up_fraction: Optional[float] = None
     seconds: float = 0.0  # optimisation
     cache_seconds: float = 0.0
+    cache_location: str = ""  # where the caches lived: the device, or "pinned host" (streamed)
     loss_curve: List[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -38,10 +39,12 @@ class QuantizationReport:
 
     def table(self) -> str:
         fmt = lambda x, spec: "-" if x is None else format(x, spec)
-        header = ("layer", "shape", "bits", "f_a", "mode", "nearest", "adaround", "undecided", "up", "cache s", "opt s")
+        header = ("layer", "shape", "bits", "f_a", "mode", "nearest", "adaround", "undecided", "up", "cache",
+                  "cache s", "opt s")
         rows = [(r.name, "x".join(map(str, r.shape)), str(r.bits), r.loss_activation, r.mode,
                  fmt(r.nearest_error, ".4g"), fmt(r.adaround_error, ".4g"), fmt(r.undecided_fraction, ".2%"),
-                 fmt(r.rounded_up_fraction, ".1%"), f"{r.cache_seconds:.1f}", f"{r.seconds:.1f}") for r in self.layers]
+                 fmt(r.rounded_up_fraction, ".1%"), r.cache_location or "-", f"{r.cache_seconds:.1f}",
+                 f"{r.seconds:.1f}") for r in self.layers]
         widths = [max(len(x) for x in col) for col in zip(header, *rows)]
         lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in (header, *rows)]
         lines.append(f"time: caching {self.cache_seconds:.1f} s, optimisation {self.optimize_seconds:.1f} s, "

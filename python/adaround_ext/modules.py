@@ -67,16 +67,30 @@ class QuantizedLayer(nn.Module):
     def forward(self, x):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        w = self.dequantized_weight().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.kind == "linear":
-            return F.linear(x, w, bias)
-        conv = F.conv2d if self.kind == "conv2d" else F.conv1d
-        return conv(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        return apply_layer(self, x, self.dequantized_weight().to(x.dtype), bias)
 
     def extra_repr(self):
         grid = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
         return f"{self.kind}, weight={tuple(self.codes.shape)}, {self.bits}-bit {grid}"
+
+
+def apply_layer(layer, x, w, bias):
+    """The Linear/Conv computation of `layer` (kind and geometry attributes) with weight `w`; shared by
+    QuantizedLayer and the ONNX export view."""
+    if layer.kind == "linear":
+        return F.linear(x, w, bias)
+    conv = F.conv2d if layer.kind == "conv2d" else F.conv1d
+    return conv(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def check_output_path(path: str) -> None:
+    """A clear error before any work when the file cannot be written for want of its directory."""
+    import os
+
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"path {path!r}: directory {directory!r} does not exist")
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

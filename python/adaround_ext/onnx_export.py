@@ -12,15 +12,13 @@ The graph comes from torch's own exporter (torch.export + onnxscript), which tra
 from __future__ import annotations
 
 import copy
-import os
 from typing import Dict
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .modules import QuantizedLayer, set_submodule
+from .modules import QuantizedLayer, apply_layer, check_output_path, set_submodule
 
 # Importing the module registers torch.ops.quantized_decomposed.*.
 import torch.ao.quantization.fx._decomposed  # noqa: F401,E402
@@ -69,10 +67,7 @@ class _QDQLayer(nn.Module):
         else:
             w = _qd.dequantize_per_channel(self.codes, self.scale, self.zero_point, self.axis, self.quant_min,
                                            self.quant_max, self.dtype)
-        if self.kind == "linear":
-            return F.linear(x, w, self.bias)
-        conv = F.conv2d if self.kind == "conv2d" else F.conv1d
-        return conv(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return apply_layer(self, x, w, self.bias)
 
 
 def _export_view(model: nn.Module) -> tuple[nn.Module, Dict[str, QuantizedLayer]]:
@@ -126,9 +121,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, opset:
 
     if opset < 13:
         raise ValueError(f"opset must be >= 13 (per-channel DequantizeLinear), got {opset}")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ValueError(f"path {path!r}: directory {directory!r} does not exist")
+    check_output_path(path)
     view, layers = _export_view(model)
     example_input = example_input.detach().cpu().float()
     batch = torch.export.Dim("batch", min=1)

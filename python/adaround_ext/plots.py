@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from .modules import check_output_path
 from .report import QuantizationReport
 
 
@@ -59,11 +60,7 @@ def report_figure(report: QuantizationReport, title: str = ""):
 
 def save_report_plot(report: QuantizationReport, path: str, title: str = ""):
     """Writes the report figure as PNG at `path` and returns the figure."""
-    import os
-
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ValueError(f"path {path!r}: directory {directory!r} does not exist")
+    check_output_path(path)
     fig = report_figure(report, title)
     fig.savefig(path, format="png", dpi=110)
     return fig

@@ -23,9 +23,11 @@ constexpr double kAdamBeta2 = 0.999;
 constexpr double kAdamEps = 1e-8;
 // Rows of unfolded input per chunk when accumulating the Gram matrices or full-cache errors.
 constexpr int64_t kChunkElements = int64_t(1) << 24;
-// Output positions per sample up to which the CPU weight gradient is an im2col GEMM (measured
-// with benchmarks/bench_optimize_layer.py on the 2-core machine).
+// Output positions per sample up to which a CPU layer runs as im2col GEMMs (measured with
+// benchmarks/bench_optimize_layer.py on the 2-core machine).
 constexpr int64_t kGemmMaxPositions = 8;
+// Largest cache, in elements, unfolded once for the GEMM path (1 GiB in float32).
+constexpr int64_t kMaxUnfoldedElements = int64_t(1) << 28;
 
 // A layer whose arguments passed every check, with geometry expanded to the spatial rank.
 struct Layer {
@@ -202,6 +204,37 @@ Tensor weight_grad(const Layer& layer, const Tensor& grad_out, const Tensor& x, 
       .contiguous();
 }
 
+// Small feature maps on the CPU (ResNet layer3/layer4 at 32x32 inputs): oneDNN's convolution and
+// weight gradient take milliseconds there for microseconds of arithmetic. The cache is unfolded once
+// (im2col) and every iteration is two GEMMs over the weight columns that see data: a 3x3 kernel on a
+// 1x1 map has 8 of 9 taps that only ever see padding, and their reconstruction gradient is exactly 0.
+struct UnfoldedCache {
+  Tensor inputs;       // [n, positions * live columns]
+  Tensor targets;      // [n, positions * out]
+  Tensor live;         // indices of the columns of the [out, K] weight matrix that see nonzero input
+  bool all_live = true;
+  int64_t rows_per_sample = 1;
+};
+
+std::optional<UnfoldedCache> unfold_cache(const Layer& layer, const Tensor& w, const Tensor& inputs,
+                                          const Tensor& targets) {
+  const int64_t n = inputs.size(0), k = w.numel() / w.size(0), out = w.size(0);
+  if (!w.is_cpu() || !inputs.is_cpu() || layer.spatial == 0 || layer.groups != 1 ||
+      layer.positions > kGemmMaxPositions || n * layer.positions * k > kMaxUnfoldedElements) {
+    return std::nullopt;
+  }
+  auto [cols, rows] = unfold_chunk(layer, w, inputs.to(w.scalar_type()), targets.to(w.scalar_type()));
+  const Tensor x = cols.squeeze(0);  // [n * positions, K]
+  UnfoldedCache uc;
+  uc.live = at::ne(x, 0).any(0).nonzero().squeeze(1);
+  uc.all_live = uc.live.size(0) == k;
+  const Tensor live_cols = uc.all_live ? x : x.index_select(1, uc.live);
+  uc.inputs = live_cols.reshape({n, -1});
+  uc.targets = rows.squeeze(0).reshape({n, layer.positions * out});
+  uc.rows_per_sample = layer.positions;
+  return uc;
+}
+
 GramSystem build_gram(const Layer& layer, const Tensor& w, const std::optional<Tensor>& bias, const Tensor& inputs,
                       const Tensor& targets) {
   const int64_t g = layer.groups, out_g = w.size(0) / g, k = w.numel() / w.size(0);
@@ -355,6 +388,11 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
   const auto index_options = inputs.options().dtype(at::kLong);
   const bool streamed = inputs.device() != w.device();
 
+  const std::optional<UnfoldedCache> unfolded =
+      exact ? std::nullopt : unfold_cache(layer, w, inputs, targets);
+  const Tensor live_grad_buffer =
+      unfolded.has_value() && !unfolded->all_live ? at::zeros_like(w) : Tensor();
+
   if (opt.on_progress) opt.on_progress(0, opt.iterations);
   for (int64_t t = 0; t < opt.iterations; ++t) {
     const bool regularize = t >= warm_iterations;
@@ -365,6 +403,22 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
     if (exact) {
       grad_w = gram_grad(gram, w_soft);
       if (log_now) loss = gram_loss(gram, w_soft);
+    } else if (unfolded.has_value()) {
+      const UnfoldedCache& uc = *unfolded;
+      const Tensor idx = at::randint(n, {opt.batch_size}, gen, index_options);
+      const Tensor x = uc.inputs.index_select(0, idx).view({opt.batch_size * uc.rows_per_sample, -1});
+      const Tensor y = uc.targets.index_select(0, idx).view({x.size(0), -1});
+      const Tensor w_rows = w_soft.view({w.size(0), -1});
+      const Tensor w_live = uc.all_live ? w_rows : w_rows.index_select(1, uc.live);
+      const Tensor pre = b.has_value() ? at::addmm(*b, x, w_live.t()) : x.mm(w_live.t());
+      const Tensor grad_live = ops::reconstruction_grad(pre, y, opt.activation, norm).t().mm(x);
+      if (uc.all_live) {
+        grad_w = grad_live.view(w.sizes());
+      } else {
+        live_grad_buffer.view({w.size(0), -1}).index_copy_(1, uc.live, grad_live);  // dead columns stay 0
+        grad_w = live_grad_buffer;
+      }
+      if (log_now) loss = (activate(act, pre) - y).pow(2).sum() * norm;
     } else {
       const Tensor idx = at::randint(n, {opt.batch_size}, gen, index_options);
       const Tensor x = streamed ? gather_to_device(inputs, idx, w) : inputs.index_select(0, idx).to(work_dtype);

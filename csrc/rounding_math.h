@@ -31,6 +31,8 @@ struct ScalarOps {
   static C10_HOST_DEVICE T max(T a, T b) { return a > b ? a : b; }
   static C10_HOST_DEVICE T select(Mask m, T if_true, T if_false) { return m ? if_true : if_false; }
   static C10_HOST_DEVICE Mask both(Mask a, Mask b) { return a && b; }
+  static C10_HOST_DEVICE Mask either(Mask a, Mask b) { return a || b; }
+  static C10_HOST_DEVICE bool all(Mask m) { return m; }
 };
 
 template <typename T, typename Ops>
@@ -50,13 +52,33 @@ C10_HOST_DEVICE inline T rectified_sigmoid(T v) {
   return clamp<T, Ops>(stretched, T(0), T(1));
 }
 
-// dh/dV; zero where the clip is active (boundaries pass the gradient, as torch.clamp does).
+// h(V) and dh/dV from one sigmoid; dh/dV is zero where the clip is active (boundaries pass the
+// gradient, as torch.clamp does).
 template <typename T, typename Ops = ScalarOps<T>>
-C10_HOST_DEVICE inline T rectified_sigmoid_grad(T v) {
+C10_HOST_DEVICE inline void rectified_sigmoid_and_grad(T v, T& h, T& dh_dv) {
   const T s = sigmoid<T, Ops>(v);
   const T stretched = s * T(kZeta - kGamma) + T(kGamma);
   const auto inside = Ops::both(stretched >= T(0), stretched <= T(1));
-  return Ops::select(inside, T(kZeta - kGamma) * s * (T(1) - s), T(0));
+  h = clamp<T, Ops>(stretched, T(0), T(1));
+  dh_dv = Ops::select(inside, T(kZeta - kGamma) * s * (T(1) - s), T(0));
+}
+
+// dh/dV alone.
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T rectified_sigmoid_grad(T v) {
+  T h, dh_dv;
+  rectified_sigmoid_and_grad<T, Ops>(v, h, dh_dv);
+  return dh_dv;
+}
+
+// |V| beyond which the clip of h(V) is active with room to spare: sigmoid(V) * 1.2 - 0.1 leaves
+// [0, 1] at |V| = ln 11, and 1e-3 further on it is ~1e-4 outside, far above float rounding. There
+// h is exactly 0 or 1 and dh/dV exactly 0.
+constexpr double kSaturatedV = 2.3978952727983707 + 1e-3;
+
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline auto is_saturated(T v) {
+  return Ops::either(v >= T(kSaturatedV), v <= T(-kSaturatedV));
 }
 
 // V such that h(V) equals `fraction` in [0, 1): the inverse of the stretched sigmoid.
@@ -136,6 +158,49 @@ C10_HOST_DEVICE inline T adam_update(T param, T grad, T& exp_avg, T& exp_avg_sq,
   exp_avg_sq = T(a.beta2) * exp_avg_sq + T(1 - a.beta2) * grad * grad;
   const T denom = Ops::sqrt(exp_avg_sq) / T(a.bias_correction2_sqrt) + T(a.eps);
   return param - T(a.lr / a.bias_correction1) * exp_avg / denom;
+}
+
+// One element (or SIMD vector) of adam_rounding_step_: dL/dV from dL/dW~ and the regularizer, the
+// Adam update of V, and the new soft weight W~.
+template <typename T, typename Ops>
+C10_HOST_DEVICE inline T rounding_step_full(T& v, T& exp_avg, T& exp_avg_sq, T grad, T grid_base, T scale,
+                                            T zero_point, T qmin, T qmax, T reg_lambda, T beta, bool regularize,
+                                            const AdamStep& adam) {
+  T h, dh;
+  rectified_sigmoid_and_grad<T, Ops>(v, h, dh);
+  T g = grad * soft_quantize_grad<T, Ops>(grid_base, h, dh, scale, qmin, qmax);
+  if (regularize) g = g + reg_lambda * regularizer_grad<T, Ops>(h, dh, beta);
+  v = adam_update<T, Ops>(v, g, exp_avg, exp_avg_sq, adam);
+  return soft_quantize<T, Ops>(grid_base, rectified_sigmoid<T, Ops>(v), scale, zero_point, qmin, qmax);
+}
+
+// The same step where V is saturated (is_saturated): h(V) is exactly 0 or 1 and the gradient exactly
+// 0, so only Adam's momentum moves V. Returns whether V is still saturated on the same side, where h
+// and W~ cannot have changed; otherwise the caller computes W~ with soft_quantize. Bit for bit what
+// rounding_step_full gives, without the loads of dL/dW~ and the grid, the transcendental math and
+// the W~ store.
+template <typename T, typename Ops>
+C10_HOST_DEVICE inline bool rounding_step_saturated(T& v, T& exp_avg, T& exp_avg_sq, const AdamStep& adam) {
+  const T v_old = v;
+  v = adam_update<T, Ops>(v_old, T(0), exp_avg, exp_avg_sq, adam);
+  return Ops::all(Ops::either(Ops::both(v_old > T(0), v >= T(kSaturatedV)),
+                              Ops::both(v_old < T(0), v <= T(-kSaturatedV))));
+}
+
+// One scalar element of adam_rounding_step_: the saturated shortcut where it applies, the full step
+// otherwise. `grad` and `grid_base` are loaders, called only when needed. Returns whether W~ was set.
+template <typename T, typename LoadGrad, typename LoadBase>
+C10_HOST_DEVICE inline bool rounding_step(T& v, T& exp_avg, T& exp_avg_sq, T& soft_weight, LoadGrad grad,
+                                          LoadBase grid_base, T scale, T zero_point, T qmin, T qmax, T reg_lambda,
+                                          T beta, bool regularize, const AdamStep& adam) {
+  if (is_saturated<T>(v)) {
+    if (rounding_step_saturated<T, ScalarOps<T>>(v, exp_avg, exp_avg_sq, adam)) return false;
+    soft_weight = soft_quantize<T>(grid_base(), rectified_sigmoid<T>(v), scale, zero_point, qmin, qmax);
+    return true;
+  }
+  soft_weight = rounding_step_full<T, ScalarOps<T>>(v, exp_avg, exp_avg_sq, grad(), grid_base(), scale, zero_point,
+                                                    qmin, qmax, reg_lambda, beta, regularize, adam);
+  return true;
 }
 
 // Activation in the reconstruction loss.

@@ -16,6 +16,9 @@ at::Tensor reconstruction_grad(const at::Tensor& pre_activation, const at::Tenso
 // plus reg_lambda * the regularizer gradient, the Adam update of V (step counts from 1), and the
 // soft weights W~ for the next forward pass. `grid_base` is floor(W/s) + z; `scale` and
 // `zero_point` hold one value per channel of `axis` (one in all for per tensor).
+// `soft_weight` is in/out: it must hold W~ of the incoming `v` (as soft_quantize or the previous
+// step left it). Where V stays saturated (h exactly 0 or 1 before and after the update) W~ cannot
+// change, and the kernels skip its store together with the rest of the gradient math.
 void adam_rounding_step_(at::Tensor& v, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                          at::Tensor& soft_weight, const at::Tensor& grad_soft_weight,
                          const at::Tensor& grid_base, const at::Tensor& scale,

@@ -55,21 +55,17 @@ void adam_rounding_step_cuda(Tensor& v, Tensor& exp_avg, Tensor& exp_avg_sq, Ten
     const T qmin = T(quant_min), qmax = T(quant_max), lam = T(reg_lambda), b = T(beta);
     const AdamStep adam = args.adam;
     const int64_t inner = args.grid.inner, channels = args.grid.channels;
+    const bool regularize = lam != T(0);
     launch_elementwise(v.numel(), [=] __device__(int64_t i) {
       const int64_t c = (i / inner) % channels;
-      const T s = s_ptr[c], z = z_ptr[c];
-      const T base = base_ptr[i];
-      T vi = v_ptr[i];
-      const T h = rectified_sigmoid<T>(vi);
-      const T dh = rectified_sigmoid_grad<T>(vi);
-      T g = g_ptr[i] * soft_quantize_grad<T>(base, h, dh, s, qmin, qmax);
-      if (lam != T(0)) g += lam * regularizer_grad<T>(h, dh, b);
-      T m = m_ptr[i], m2 = m2_ptr[i];
-      vi = adam_update<T>(vi, g, m, m2, adam);
+      T vi = v_ptr[i], m = m_ptr[i], m2 = m2_ptr[i], w;
+      const bool w_set = rounding_step<T>(
+          vi, m, m2, w, [&] { return g_ptr[i]; }, [&] { return base_ptr[i]; }, s_ptr[c], z_ptr[c], qmin, qmax,
+          lam, b, regularize, adam);
       v_ptr[i] = vi;
       m_ptr[i] = m;
       m2_ptr[i] = m2;
-      w_ptr[i] = soft_quantize<T>(base, rectified_sigmoid<T>(vi), s, z, qmin, qmax);
+      if (w_set) w_ptr[i] = w;
     });
   });
 }

@@ -191,6 +191,46 @@ def test_opcheck_all_ops(device):
                           (*state, torch.randn_like(w), base, scale, zp, n, p, 0, 0.01, 4.0, 1e-3, 0.9, 0.999, 1e-8, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_adam_rounding_step_matches_autograd_and_adam(device, dtype):
+    """One fused step against autograd through the formulas plus torch.optim.Adam, with whole SIMD
+    vectors of saturated V (the kernel's shortcut) and saturated V that momentum pulls back inside."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 131, generator=g, dtype=dtype) * 0.3  # 131: whole 64-float chunks and a scalar tail
+    scale = w.abs().amax(1) / 7.4
+    v = torch.randn(4, 131, generator=g, dtype=dtype) * 1.5
+    v[0, :64] = 3.0 * torch.sign(v[0, :64])          # saturated, stays saturated
+    v[1, :64] = 2.4                                  # just saturated (h = 1) ...
+    v[2, :64] = -2.4                                 # ... or h = 0
+    v[3, 128:] = 3.0                                 # saturated in the scalar tail
+    m = torch.randn(4, 131, generator=g, dtype=dtype) * 1e-2
+    m2 = torch.rand(4, 131, generator=g, dtype=dtype) * 1e-4 + 1e-6
+    m[1, :64], m[2, :64], m2[1:3, :64] = 0.05, -0.05, 1e-4  # ... and momentum pulls it back inside
+    grad = torch.randn(4, 131, generator=g, dtype=dtype)
+    step, lr, lam, beta = 7, 1e-2, 0.01, 4.0
+    n, p = -8, 7
+    zp = torch.zeros(4, dtype=dtype)
+
+    ref_v = v.clone().requires_grad_(True)
+    loss = (ref.soft_quantize(w, ref_v, scale, None, n, p, 0) * grad).sum() + lam * ref.regularizer(ref_v, beta)
+    loss.backward()
+    adam = torch.optim.Adam([ref_v], lr=lr, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    adam.state[ref_v] = {"step": torch.tensor(float(step - 1)), "exp_avg": m.clone(), "exp_avg_sq": m2.clone()}
+    adam.step()
+    ref_w = ref.soft_quantize(w, ref_v.detach(), scale, None, n, p, 0)
+    assert not torch.equal(ref_w[1, :64], ref.soft_quantize(w, v, scale, None, n, p, 0)[1, :64])
+
+    state = [t.clone().to(device) for t in (v, m, m2, ref.soft_quantize(w, v, scale, None, n, p, 0))]
+    base = torch.floor(w / scale[:, None]).to(device)
+    ops.adam_rounding_step_(*state, grad.to(device), base, scale.to(device), zp.to(device), n, p, 0, lam, beta, lr,
+                            0.9, 0.999, 1e-8, step)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state[0].cpu(), ref_v.detach(), **tol)
+    torch.testing.assert_close(state[1].cpu(), adam.state[ref_v]["exp_avg"], **tol)
+    torch.testing.assert_close(state[2].cpu(), adam.state[ref_v]["exp_avg_sq"], **tol)
+    torch.testing.assert_close(state[3].cpu(), ref_w, **tol)
+
+
 def test_torch_compile_traces_the_ops(device):
     w, v, scale, zp, n, p = _sample_args(device)
 

@@ -44,8 +44,22 @@ def linear_case(device, activation, seed=0):
     return w, b, scale, zp, 0, 15, None, x_hat, targets, {}
 
 
+def small_map_case(device, activation, seed=0):
+    """A 3x3 stride-2 conv on 2x2 maps (ResNet layer4 at 32x32 inputs): one output position, and 5
+    of the 9 taps only ever see padding. On the CPU this runs the unfolded-GEMM path."""
+    g = torch.Generator().manual_seed(seed)
+    geometry = dict(stride=[2, 2], padding=[1, 1], dilation=[1, 1], groups=1)
+    w = (torch.randn(6, 4, 3, 3, generator=g) * 0.3).to(device)
+    b = (torch.randn(6, generator=g) * 0.1).to(device)
+    x = torch.randn(40, 4, 2, 2, generator=g).to(device)
+    x_hat = x + 0.05 * torch.randn(x.shape, generator=g).to(device)
+    targets = ref.ACTIVATIONS[activation](ref.layer_forward(x, w, b, geometry))
+    scale = w.abs().amax(dim=(1, 2, 3)) / 7.4
+    return w, b, scale, None, -8, 7, 0, x_hat, targets, geometry
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", [conv_case, linear_case])
+@pytest.mark.parametrize("case", [conv_case, linear_case, small_map_case])
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
     w, b, scale, zp, n, p, axis, x, t, geometry = (

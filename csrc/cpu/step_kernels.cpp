@@ -50,39 +50,48 @@ void adam_rounding_step_cpu(Tensor& v, Tensor& exp_avg, Tensor& exp_avg_sq, Tens
     const T* s_ptr = args.grid.scale.const_data_ptr<T>();
     const T* z_ptr = args.grid.zero_point.const_data_ptr<T>();
     const T qmin = T(quant_min), qmax = T(quant_max), lam = T(reg_lambda), b = T(beta);
-    const AdamStep& adam = args.adam;
+    const AdamStep adam = args.adam;  // a local copy: the stores cannot alias it, so its constants stay hoisted
+    const bool regularize = lam != T(0);
     for_each_channel_run(v.numel(), args.grid.inner, args.grid.channels, [&](int64_t begin, int64_t end, int64_t c) {
       const T s = s_ptr[c], z = z_ptr[c];
+      auto full_step = [&](int64_t i) {
+        if constexpr (std::is_same_v<T, float>) {
+          using V = FloatVec;
+          V vi = V::loadu(v_ptr + i), m = V::loadu(m_ptr + i), m2 = V::loadu(m2_ptr + i);
+          const V w = rounding_step_full<V, VecOps>(vi, m, m2, V::loadu(g_ptr + i), V::loadu(base_ptr + i), V(s), V(z),
+                                                    V(qmin), V(qmax), V(lam), V(b), regularize, adam);
+          vi.store(v_ptr + i);
+          m.store(m_ptr + i);
+          m2.store(m2_ptr + i);
+          w.store(w_ptr + i);
+        }
+      };
+      auto saturated_step = [&](int64_t i) {
+        if constexpr (std::is_same_v<T, float>) {
+          using V = FloatVec;
+          V vi = V::loadu(v_ptr + i), m = V::loadu(m_ptr + i), m2 = V::loadu(m2_ptr + i);
+          if (!rounding_step_saturated<V, VecOps>(vi, m, m2, adam)) {
+            soft_quantize<V, VecOps>(V::loadu(base_ptr + i), rectified_sigmoid<V, VecOps>(vi), V(s), V(z), V(qmin),
+                                     V(qmax))
+                .store(w_ptr + i);
+          }
+          vi.store(v_ptr + i);
+          m.store(m_ptr + i);
+          m2.store(m2_ptr + i);
+        }
+      };
       vectorized_run<T>(
           begin, end,
           [&](int64_t i) {
-            if constexpr (std::is_same_v<T, float>) {
-              using V = FloatVec;
-              const V sv(s), zv(z), lo(qmin), hi(qmax);
-              const V base = V::loadu(base_ptr + i);
-              V vi = V::loadu(v_ptr + i);
-              const V h = rectified_sigmoid<V, VecOps>(vi);
-              const V dh = rectified_sigmoid_grad<V, VecOps>(vi);
-              V g = V::loadu(g_ptr + i) * soft_quantize_grad<V, VecOps>(base, h, dh, sv, lo, hi);
-              if (lam != T(0)) g = g + V(lam) * regularizer_grad<V, VecOps>(h, dh, V(b));
-              V m = V::loadu(m_ptr + i), m2 = V::loadu(m2_ptr + i);
-              vi = adam_update<V, VecOps>(vi, g, m, m2, adam);
-              vi.store(v_ptr + i);
-              m.store(m_ptr + i);
-              m2.store(m2_ptr + i);
-              soft_quantize<V, VecOps>(base, rectified_sigmoid<V, VecOps>(vi), sv, zv, lo, hi).store(w_ptr + i);
+            if (all_saturated(v_ptr + i)) {
+              saturated_step(i);
+            } else {
+              full_step(i);
             }
           },
           [&](int64_t i) {
-            const T base = base_ptr[i];
-            T vi = v_ptr[i];
-            const T h = rectified_sigmoid<T>(vi);
-            const T dh = rectified_sigmoid_grad<T>(vi);
-            T g = g_ptr[i] * soft_quantize_grad<T>(base, h, dh, s, qmin, qmax);
-            if (lam != T(0)) g += lam * regularizer_grad<T>(h, dh, b);
-            vi = adam_update<T>(vi, g, m_ptr[i], m2_ptr[i], adam);
-            v_ptr[i] = vi;
-            w_ptr[i] = soft_quantize<T>(base, rectified_sigmoid<T>(vi), s, z, qmin, qmax);
+            rounding_step<T>(v_ptr[i], m_ptr[i], m2_ptr[i], w_ptr[i], [&] { return g_ptr[i]; },
+                             [&] { return base_ptr[i]; }, s, z, qmin, qmax, lam, b, regularize, adam);
           });
     });
   });

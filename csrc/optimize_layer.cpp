@@ -1,6 +1,7 @@
 // The AdaRound loop for one layer (SPEC section 2), without an autograd graph: forward with
-// at::convolution/at::linear, the weight gradient only, and two fused passes per iteration
-// (reconstruction_grad and adam_rounding_step_, CPU and CUDA kernels).
+// at::convolution/at::linear (GEMMs over the unfolded cache for small maps on the CPU), the weight
+// gradient only, and two fused passes per iteration (reconstruction_grad and adam_rounding_step_,
+// CPU and CUDA kernels).
 #include "optimize_layer.h"
 #include "progress.h"
 

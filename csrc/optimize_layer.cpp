@@ -10,6 +10,7 @@
 
 #include <cmath>
 
+#include "active_weights.h"
 #include "grid.h"
 #include "rounding_ops.h"
 #include "step_ops.h"
@@ -24,9 +25,15 @@ constexpr double kAdamBeta2 = 0.999;
 constexpr double kAdamEps = 1e-8;
 // Rows of unfolded input per chunk when accumulating the Gram matrices or full-cache errors.
 constexpr int64_t kChunkElements = int64_t(1) << 24;
-// Output positions per sample up to which a CPU layer runs as im2col GEMMs (measured with
-// benchmarks/bench_optimize_layer.py on the 2-core machine).
-constexpr int64_t kGemmMaxPositions = 8;
+// Output positions per sample up to which a CPU layer runs as GEMMs over the unfolded cache. On the
+// 2-core machine, forward + weight gradient of a batch of 32: 1.75x / 1.23x faster than oneDNN's
+// convolutions on ResNet layer2's 4x4 maps (16 positions), 0.93x on layer1's 8x8 (64 positions).
+constexpr int64_t kGemmMaxPositions = 16;
+// Output positions up to which the weight gradient alone is an im2col GEMM per iteration (where the
+// cache is not unfolded); from 4x4 outputs on oneDNN wins.
+constexpr int64_t kIm2colGradMaxPositions = 8;
+// Iterations between checks for weights to pack out of the step (ActiveWeights::repack).
+constexpr int64_t kRepackEvery = 200;
 // Largest cache, in elements, unfolded once for the GEMM path (1 GiB in float32).
 constexpr int64_t kMaxUnfoldedElements = int64_t(1) << 28;
 
@@ -193,9 +200,9 @@ Tensor gather_to_device(const Tensor& cache, const Tensor& idx, const Tensor& w)
 // dL/dW from dL/d(output) without the input gradient.
 Tensor weight_grad(const Layer& layer, const Tensor& grad_out, const Tensor& x, const Tensor& w) {
   if (layer.spatial == 0) return grad_out.t().mm(x);
-  if (x.is_cpu() && layer.positions <= kGemmMaxPositions) {
+  if (x.is_cpu() && layer.positions <= kIm2colGradMaxPositions) {
     // On the CPU oneDNN's weight gradient is slow for tiny feature maps (50 ms against 2 ms for
-    // 512x512x3x3 at 1x1); an im2col GEMM is not. From 4x4 outputs on, oneDNN wins.
+    // 512x512x3x3 at 1x1); an im2col GEMM is not.
     auto [cols, grad_rows] = unfold_chunk(layer, w, x, grad_out);  // [g, rows, K], [g, rows, out_g]
     return at::bmm(grad_rows.transpose(1, 2), cols).view(w.sizes());
   }
@@ -205,10 +212,11 @@ Tensor weight_grad(const Layer& layer, const Tensor& grad_out, const Tensor& x, 
       .contiguous();
 }
 
-// Small feature maps on the CPU (ResNet layer3/layer4 at 32x32 inputs): oneDNN's convolution and
+// Small feature maps on the CPU (ResNet layer2-4 at 32x32 inputs): oneDNN's convolution and
 // weight gradient take milliseconds there for microseconds of arithmetic. The cache is unfolded once
 // (im2col) and every iteration is two GEMMs over the weight columns that see data: a 3x3 kernel on a
-// 1x1 map has 8 of 9 taps that only ever see padding, and their reconstruction gradient is exactly 0.
+// 1x1 map has 8 of 9 taps that only ever see padding. Their reconstruction gradient is exactly 0, so
+// the loop learns the live columns only and rounds the dead ones to nearest.
 struct UnfoldedCache {
   Tensor inputs;       // [n, positions * live columns]
   Tensor targets;      // [n, positions * out]
@@ -218,7 +226,7 @@ struct UnfoldedCache {
 };
 
 std::optional<UnfoldedCache> unfold_cache(const Layer& layer, const Tensor& w, const Tensor& inputs,
-                                          const Tensor& targets) {
+                                          const Tensor& targets, std::optional<int64_t> axis) {
   const int64_t n = inputs.size(0), k = w.numel() / w.size(0), out = w.size(0);
   if (!w.is_cpu() || !inputs.is_cpu() || layer.spatial == 0 || layer.groups != 1 ||
       layer.positions > kGemmMaxPositions || n * layer.positions * k > kMaxUnfoldedElements) {
@@ -227,7 +235,9 @@ std::optional<UnfoldedCache> unfold_cache(const Layer& layer, const Tensor& w, c
   auto [cols, rows] = unfold_chunk(layer, w, inputs.to(w.scalar_type()), targets.to(w.scalar_type()));
   const Tensor x = cols.squeeze(0);  // [n * positions, K]
   UnfoldedCache uc;
-  uc.live = at::ne(x, 0).any(0).nonzero().squeeze(1);
+  // Dropping columns keeps the per-channel grid's rows only when its axis is the output channel.
+  const bool rows_are_channels = !axis.has_value() || at::maybe_wrap_dim(*axis, w.dim()) == 0;
+  uc.live = rows_are_channels ? at::ne(x, 0).any(0).nonzero().squeeze(1) : at::arange(k, x.options().dtype(at::kLong));
   uc.all_live = uc.live.size(0) == k;
   const Tensor live_cols = uc.all_live ? x : x.index_select(1, uc.live);
   uc.inputs = live_cols.reshape({n, -1});
@@ -360,22 +370,18 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
   const Tensor w = weight.to(work_dtype).contiguous();
   const std::optional<Tensor> b = bias.has_value() ? std::optional<Tensor>(bias->to(work_dtype)) : std::nullopt;
 
-  // floor(W/s) + z with the per-channel grid broadcast along its axis.
-  std::vector<int64_t> channel_shape(w.dim(), 1);
-  if (grid_args.axis.has_value()) channel_shape[at::maybe_wrap_dim(*grid_args.axis, w.dim())] = -1;
-  const Tensor scale_b = grid.scale.view(grid_args.axis.has_value() ? channel_shape : std::vector<int64_t>{});
-  const Tensor zero_b = grid.zero_point.view(grid_args.axis.has_value() ? channel_shape : std::vector<int64_t>{});
-  const Tensor grid_base = (at::floor(w / scale_b) + zero_b).contiguous();
-
-  Tensor v = ops::init_v(w, grid.scale, grid_args.axis);
-  Tensor exp_avg = at::zeros_like(v), exp_avg_sq = at::zeros_like(v);
-  Tensor w_soft = ops::soft_quantize(w, v, grid.scale, grid.zero_point, grid.qmin, grid.qmax, grid_args.axis);
-
   const bool exact = choose_exact(opt.mode, act, w, layer, n, opt);
   TORCH_CHECK(exact || opt.batch_size <= n, "batch_size (", opt.batch_size, ") is larger than the cache (", n,
               " samples)");
   GramSystem gram;
   if (exact) gram = build_gram(layer, w, b, inputs, targets);
+  const std::optional<UnfoldedCache> unfolded =
+      exact ? std::nullopt : unfold_cache(layer, w, inputs, targets, grid_args.axis);
+  // With the unfolded cache only the live columns of the [out, K] weight are learned (see UnfoldedCache).
+  const bool live_only = unfolded.has_value() && !unfolded->all_live;
+  const Tensor w_learned = live_only ? w.view({w.size(0), -1}).index_select(1, unfolded->live).contiguous() : w;
+  ActiveWeights state(w_learned, grid.scale, grid.zero_point, grid.qmin, grid.qmax, grid_args.axis,
+                      opt.pack_frozen);
 
   const int64_t log_every = opt.log_every > 0 ? opt.log_every : std::max<int64_t>(1, opt.iterations / 100);
   Tensor loss_curve = at::zeros({(opt.iterations + log_every - 1) / log_every}, w.options().dtype(at::kFloat));
@@ -389,17 +395,14 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
   const auto index_options = inputs.options().dtype(at::kLong);
   const bool streamed = inputs.device() != w.device();
 
-  const std::optional<UnfoldedCache> unfolded =
-      exact ? std::nullopt : unfold_cache(layer, w, inputs, targets);
-  const Tensor live_grad_buffer =
-      unfolded.has_value() && !unfolded->all_live ? at::zeros_like(w) : Tensor();
-
   if (opt.on_progress) opt.on_progress(0, opt.iterations);
   for (int64_t t = 0; t < opt.iterations; ++t) {
     const bool regularize = t >= warm_iterations;
     const double lambda = regularize ? opt.reg_lambda : 0.0;
     const double beta = beta_at(opt, t);
     const bool log_now = t % log_every == 0;
+    if (t > 0 && t % kRepackEvery == 0) state.repack();
+    const Tensor& w_soft = state.soft_weight();
     Tensor grad_w, loss;
     if (exact) {
       grad_w = gram_grad(gram, w_soft);
@@ -410,15 +413,8 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
       const Tensor x = uc.inputs.index_select(0, idx).view({opt.batch_size * uc.rows_per_sample, -1});
       const Tensor y = uc.targets.index_select(0, idx).view({x.size(0), -1});
       const Tensor w_rows = w_soft.view({w.size(0), -1});
-      const Tensor w_live = uc.all_live ? w_rows : w_rows.index_select(1, uc.live);
-      const Tensor pre = b.has_value() ? at::addmm(*b, x, w_live.t()) : x.mm(w_live.t());
-      const Tensor grad_live = ops::reconstruction_grad(pre, y, opt.activation, norm).t().mm(x);
-      if (uc.all_live) {
-        grad_w = grad_live.view(w.sizes());
-      } else {
-        live_grad_buffer.view({w.size(0), -1}).index_copy_(1, uc.live, grad_live);  // dead columns stay 0
-        grad_w = live_grad_buffer;
-      }
+      const Tensor pre = b.has_value() ? at::addmm(*b, x, w_rows.t()) : x.mm(w_rows.t());
+      grad_w = ops::reconstruction_grad(pre, y, opt.activation, norm).t().mm(x).view(w_soft.sizes());
       if (log_now) loss = (activate(act, pre) - y).pow(2).sum() * norm;
     } else {
       const Tensor idx = at::randint(n, {opt.batch_size}, gen, index_options);
@@ -429,15 +425,22 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
       if (log_now) loss = (activate(act, pre) - y).pow(2).sum() * norm;
     }
     if (log_now) {
-      if (regularize && lambda > 0) loss = loss + lambda * ops::round_regularizer(v, beta);
+      if (regularize && lambda > 0) loss = loss + lambda * state.regularizer(beta);
       loss_curve.select(0, t / log_every).copy_(loss);  // device-side copy: no host sync
     }
-    ops::adam_rounding_step_(v, exp_avg, exp_avg_sq, w_soft, grad_w, grid_base, grid.scale, grid.zero_point,
-                             grid.qmin, grid.qmax, grid_args.axis, lambda, beta, opt.lr, kAdamBeta1, kAdamBeta2,
-                             kAdamEps, t + 1);
+    state.step(grad_w, lambda, beta, opt.lr, kAdamBeta1, kAdamBeta2, kAdamEps, t + 1);
     if (opt.on_progress) opt.on_progress(t + 1, opt.iterations);
   }
 
+  Tensor v = state.v();
+  if (live_only) {
+    // Dead columns have no reconstruction gradient; the regulariser alone only pushes h(V) away from
+    // 1/2, so their rounding is nearest (ties up). Return them decided on that side.
+    Tensor dead_side =
+        at::full_like(w, kSaturatedV).masked_fill_(ops::init_v(w, grid.scale, grid_args.axis) < 0, -kSaturatedV);
+    dead_side.view({w.size(0), -1}).index_copy_(1, unfolded->live, v);
+    v = dead_side;
+  }
   OptimizeResult result;
   result.v = v;
   result.loss_curve = loss_curve;

@@ -49,6 +49,9 @@ struct OptimizeOptions {
   int64_t seed = 0;
   int64_t log_every = 0;            // loss-curve sampling period; 0 = iterations / 100
   bool allow_tf32 = false;
+  // Packs weights whose rounding can no longer change out of the step (CPU): the same h(V), W~ and
+  // result, with their V frozen where the full loop would let momentum drift them further out.
+  bool pack_frozen = true;
   // Called with (iterations done, total) before the first and after every iteration; on CUDA "done"
   // counts iterations enqueued, not finished. Must be cheap: it runs inside the loop.
   std::function<void(int64_t, int64_t)> on_progress;

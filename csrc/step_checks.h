@@ -27,6 +27,12 @@ inline void check_reconstruction_args(const at::Tensor& pre, const at::Tensor& t
               pre.device());
 }
 
+// Adam's constants for step `step` (counting from 1), bias corrections included.
+inline AdamStep adam_step_constants(double lr, double beta1, double beta2, double eps, int64_t step) {
+  return AdamStep{lr, beta1, beta2, eps, 1.0 - std::pow(beta1, double(step)),
+                  std::sqrt(1.0 - std::pow(beta2, double(step)))};
+}
+
 // Validates the adam_rounding_step_ arguments (no host sync) and derives the grid and the Adam constants.
 inline StepArgs check_step_args(const at::Tensor& v, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                                   const at::Tensor& soft_weight, const at::Tensor& grad,
@@ -49,8 +55,7 @@ inline StepArgs check_step_args(const at::Tensor& v, const at::Tensor& exp_avg, 
               ", betas=(", beta1, ", ", beta2, ")");
   StepArgs args;
   args.grid = grid;
-  args.adam = AdamStep{lr, beta1, beta2, eps, 1.0 - std::pow(beta1, double(step)),
-                         std::sqrt(1.0 - std::pow(beta2, double(step)))};
+  args.adam = adam_step_constants(lr, beta1, beta2, eps, step);
   return args;
 }
 

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 ZETA, GAMMA = 1.1, -0.1
+# |V| from which h(V) is exactly 0 or 1 (ln 11, plus a margin for float rounding).
+SATURATED_V = math.log(11) + 1e-3
 
 
 def h(v):
@@ -69,13 +71,29 @@ def layer_forward(x, w, b, geometry):
 ACTIVATIONS = {"none": lambda x: x, "relu": F.relu, "relu6": F.relu6}
 
 
+def dead_weights(x, w, geometry):
+    """Mask shaped like the Conv2d weight `w` (groups 1): the weights that see zero input in every
+    sample and output position of `x`, i.e. only padding or inputs that are always zero."""
+    cols = F.unfold(x, w.shape[2:], dilation=geometry["dilation"], padding=geometry["padding"],
+                    stride=geometry["stride"])  # [n, Cin*kh*kw, L]
+    live = (cols != 0).any(dim=2).any(dim=0)
+    return (~live).expand(w.shape[0], -1).reshape(w.shape)
+
+
+def decided_nearest(v, mask):
+    """V with the entries under `mask` saturated on the side nearest rounding takes (h(V) >= 1/2: up)."""
+    side = torch.full_like(v, SATURATED_V)
+    return torch.where(mask, torch.where(v >= 0, side, -side), v)
+
+
 def adaround_loop(w, b, scale, zero_point, n, p, axis, inputs, targets, geometry, iterations, batch_size,
-                  lr, reg_lambda, warm_start, activation, seed, record_losses=True):
+                  lr, reg_lambda, warm_start, activation, seed, record_losses=True, v_init=None):
     """The paper's minibatch AdaRound with autograd and torch.optim.Adam. Returns (V, losses).
 
-    record_losses=False skips the per-iteration host sync (for timing on a GPU).
+    record_losses=False skips the per-iteration host sync (for timing on a GPU); v_init replaces the
+    initial V.
     """
-    v = init_v(w, scale, axis).clone().requires_grad_(True)
+    v = (init_v(w, scale, axis) if v_init is None else v_init).clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr)
     gen = torch.Generator(device=w.device).manual_seed(seed)
     act = ACTIVATIONS[activation]

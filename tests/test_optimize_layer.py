@@ -66,7 +66,14 @@ def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
         a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in case(device, activation))
     opts = dict(iterations=50, batch_size=8, lr=1e-2, reg_lambda=0.05, warm_start=0.2, activation=activation, seed=3)
     _, _, v, curve, *_ = run(w, b, scale, zp, n, p, axis, x, t, geometry, mode="minibatch", log_every=1, **opts)
-    ref_v, ref_losses = ref.adaround_loop(w, b, scale, zp, n, p, axis, x, t, geometry, **opts)
+    v_init = None
+    if case is small_map_case and w.is_cpu:
+        # The CPU's unfolded path learns the live columns only and decides the dead ones (zero
+        # gradient: the regulariser alone would only push them away from h = 1/2) as nearest.
+        dead = ref.dead_weights(x, w, geometry)
+        assert 0 < dead.sum() < dead.numel()
+        v_init = ref.decided_nearest(ref.init_v(w, scale, axis), dead)
+    ref_v, ref_losses = ref.adaround_loop(w, b, scale, zp, n, p, axis, x, t, geometry, v_init=v_init, **opts)
     if dtype == torch.float64:
         torch.testing.assert_close(curve.cpu().double(), ref_losses.double(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(v, ref_v, rtol=1e-8, atol=1e-8)
@@ -75,6 +82,28 @@ def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
         # to ~0 into a full lr step of either sign, so compare the losses and most of V.
         torch.testing.assert_close(curve.cpu(), ref_losses.float(), rtol=2e-3, atol=1e-5)
         assert ((v - ref_v).abs() < 1e-3).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("case", [conv_case, small_map_case])
+def test_long_run_with_frozen_weights_matches_plain_pytorch(device, case):
+    """Past the first repack (every 200 iterations) the CPU steps only the weights whose V is not yet
+    saturated with momentum pointing out. In float64 everything else must still follow the plain loop:
+    the loss curve, every unsaturated V, and the side of every V (the rounding)."""
+    w, b, scale, zp, n, p, axis, x, t, geometry = (
+        a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in case(device, "relu"))
+    opts = dict(iterations=450, batch_size=8, lr=5e-2, reg_lambda=0.05, warm_start=0.2, activation="relu", seed=1)
+    _, _, v, curve, *_ = run(w, b, scale, zp, n, p, axis, x, t, geometry, mode="minibatch", log_every=1, **opts)
+    v_init = None
+    if case is small_map_case and w.is_cpu:
+        v_init = ref.decided_nearest(ref.init_v(w, scale, axis), ref.dead_weights(x, w, geometry))
+    ref_v, ref_losses = ref.adaround_loop(w, b, scale, zp, n, p, axis, x, t, geometry, v_init=v_init, **opts)
+    torch.testing.assert_close(curve.cpu().double(), ref_losses.double(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(v >= 0, ref_v >= 0)
+    saturated = v.abs() >= ref.SATURATED_V
+    assert torch.equal(saturated, saturated & (ref_v.abs() >= ref.SATURATED_V))
+    torch.testing.assert_close(v[~saturated], ref_v[~saturated], rtol=1e-8, atol=1e-8)
+    if w.is_cpu:  # packed out: the plain loop's momentum carried those V further out
+        assert (ref_v.abs() > v.abs() + 1e-6)[saturated].any()
 
 
 def test_same_seed_same_result(device):

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "../rounding_math.h"
@@ -88,6 +89,19 @@ void for_each_channel_run(int64_t numel, int64_t inner, int64_t channels, const 
   });
 }
 
+// The same over packed elements [0, offsets[channels]) where channel c owns [offsets[c], offsets[c + 1]).
+template <typename Body>
+void for_each_listed_run(const int64_t* offsets, int64_t channels, const Body& body) {
+  at::parallel_for(0, offsets[channels], kGrainSize, [&](int64_t begin, int64_t end) {
+    int64_t c = std::upper_bound(offsets, offsets + channels + 1, begin) - offsets - 1;
+    for (int64_t i = begin; i < end; ++c) {
+      const int64_t run_end = std::min(end, offsets[c + 1]);
+      if (run_end > i) body(i, run_end, c);
+      i = std::max(i, run_end);
+    }
+  });
+}
+
 // Applies a formula element-wise over [begin, end): vec_fn on full SIMD vectors when the compute
 // type is float, scalar_fn on the rest. Both are the same rounding_math.h template.
 template <typename T, typename VecFn, typename ScalarFn>
@@ -99,11 +113,5 @@ void vectorized_run(int64_t begin, int64_t end, const VecFn& vec_fn, const Scala
   for (; i < end; ++i) scalar_fn(i);
 }
 
-// Whether every V of the SIMD vector at p is saturated (rounding_math.h's is_saturated); float only.
-template <typename T>
-bool all_saturated(const T* p) {
-  if constexpr (std::is_same_v<T, float>) return VecOps::all(is_saturated<FloatVec, VecOps>(FloatVec::loadu(p)));
-  return false;
-}
 
 }  // namespace adaround::cpu

@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include "optimize_layer.h"
+#include "rounding_math.h"
 #include "rounding_ops.h"
 
 namespace {
@@ -22,14 +23,24 @@ ConvCase make_case() {
   return c;
 }
 
-TEST(OptimizeLayer, LearnsBetterThanNearestAndDecides) {
-  const auto c = make_case();
+// The case as a 3-bit per-channel 3x3 conv (stride 1, padding 1).
+adaround::OptimizeResult run_case(const ConvCase& c, const adaround::OptimizeOptions& opt) {
+  return adaround::optimize_layer(c.weight, c.bias, adaround::LayerGrid{c.scale, std::nullopt, -4, 3, 0}, c.inputs,
+                                  c.targets, adaround::LayerGeometry{{1}, {1}, {1}, 1}, opt);
+}
+
+// Long enough at lr 1e-2 for every h(V) of make_case() to decide.
+adaround::OptimizeOptions full_schedule() {
   adaround::OptimizeOptions opt;
   opt.iterations = 1500;
   opt.lr = 1e-2;
   opt.activation = "relu";
-  const auto r = adaround::optimize_layer(c.weight, c.bias, adaround::LayerGrid{c.scale, std::nullopt, -4, 3, 0},
-                                          c.inputs, c.targets, adaround::LayerGeometry{{1}, {1}, {1}, 1}, opt);
+  return opt;
+}
+
+TEST(OptimizeLayer, LearnsBetterThanNearestAndDecides) {
+  const auto c = make_case();
+  const auto r = run_case(c, full_schedule());
   EXPECT_LT(r.adaround_error, r.nearest_error);
   EXPECT_LT(r.undecided_fraction, 0.01);
   EXPECT_FALSE(r.exact_mode);
@@ -40,15 +51,31 @@ TEST(OptimizeLayer, LearnsBetterThanNearestAndDecides) {
   EXPECT_LE(r.codes.max().item<int>(), 3);
 }
 
+// Packing frozen weights out of the step (CPU) must not change any rounding or any other weight's
+// trajectory: in float32 the packed step does the same vector arithmetic per element, so the two runs
+// agree bit for bit except in the V that were frozen.
+TEST(OptimizeLayer, PackingFrozenWeightsChangesNoRounding) {
+  const auto c = make_case();
+  adaround::OptimizeOptions opt = full_schedule();
+  const auto packed = run_case(c, opt);
+  opt.pack_frozen = false;
+  const auto full = run_case(c, opt);
+  EXPECT_TRUE(torch::equal(packed.codes, full.codes));
+  EXPECT_TRUE(torch::allclose(packed.loss_curve, full.loss_curve, 1e-5, 1e-7));
+  const auto frozen = packed.v.abs() >= adaround::kSaturatedV;
+  EXPECT_TRUE(torch::equal(packed.v.masked_select(frozen.logical_not()), full.v.masked_select(frozen.logical_not())));
+  EXPECT_TRUE(torch::equal(packed.v.sign(), full.v.sign()));
+  EXPECT_TRUE((full.v.abs() >= packed.v.abs()).all().item<bool>());
+  EXPECT_TRUE((full.v.abs() > packed.v.abs()).any().item<bool>());  // some V were packed out
+}
+
 TEST(OptimizeLayer, SameSeedSameResult) {
   const auto c = make_case();
   adaround::OptimizeOptions opt;
   opt.iterations = 40;
   opt.activation = "relu";
-  const adaround::LayerGrid grid{c.scale, std::nullopt, -4, 3, 0};
-  const adaround::LayerGeometry conv{{1}, {1}, {1}, 1};
-  const auto a = adaround::optimize_layer(c.weight, c.bias, grid, c.inputs, c.targets, conv, opt);
-  const auto b = adaround::optimize_layer(c.weight, c.bias, grid, c.inputs, c.targets, conv, opt);
+  const auto a = run_case(c, opt);
+  const auto b = run_case(c, opt);
   EXPECT_TRUE(torch::equal(a.v, b.v));
 }
 
@@ -58,8 +85,7 @@ TEST(OptimizeLayer, ReportsProgressEveryIteration) {
   opt.iterations = 25;
   std::vector<std::pair<int64_t, int64_t>> calls;
   opt.on_progress = [&calls](int64_t done, int64_t total) { calls.emplace_back(done, total); };
-  adaround::optimize_layer(c.weight, c.bias, adaround::LayerGrid{c.scale, std::nullopt, -4, 3, 0}, c.inputs,
-                           c.targets, adaround::LayerGeometry{{1}, {1}, {1}, 1}, opt);
+  run_case(c, opt);
   ASSERT_EQ(calls.size(), 26u);
   for (int64_t i = 0; i <= 25; ++i) EXPECT_EQ(calls[i], std::make_pair(i, int64_t(25)));
 }

@@ -60,7 +60,9 @@ struct OptimizeOptions {
 struct OptimizeResult {
   at::Tensor quantized_weight;  // s * (code - z), weight's dtype
   at::Tensor codes;             // integer codes (int8 or uint8), zero point included
-  at::Tensor v;                 // learned rounding variables
+  // Learned rounding variables. On the CPU a V packed out as frozen keeps the value it had then
+  // (saturated), and dead columns of an unfolded layer come back saturated on the nearest side.
+  at::Tensor v;
   at::Tensor loss_curve;        // sampled total loss, float32 [ceil(iterations / log_every)]
   double nearest_error = 0;     // reconstruction error on the whole cache, round-to-nearest
   double adaround_error = 0;    // the same for the learned rounding

@@ -15,7 +15,7 @@ from . import _C
 class LayerResult:
     quantized_weight: torch.Tensor  # scale * (codes - zero_point)
     codes: torch.Tensor  # int8 / uint8 integer codes
-    v: torch.Tensor  # learned rounding variables
+    v: torch.Tensor  # learned rounding variables (see OptimizeResult::v in csrc/optimize_layer.h)
     loss_curve: torch.Tensor  # sampled total loss
     nearest_error: float  # reconstruction error on the cache with round-to-nearest
     adaround_error: float  # ... with the learned rounding

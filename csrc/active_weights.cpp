@@ -10,14 +10,15 @@ using at::Tensor;
 
 ActiveWeights::ActiveWeights(const Tensor& weight, const Tensor& scale, const Tensor& zero_point, int64_t qmin,
                              int64_t qmax, std::optional<int64_t> axis, bool pack)
-    : scale_(scale), zero_point_(zero_point), qmin_(qmin), qmax_(qmax), axis_(axis) {
-  grid_ = make_grid(weight, scale, zero_point, qmin, qmax, axis, /*check_values=*/false);
+    : axis_(axis), grid_(make_grid(weight, scale, zero_point, qmin, qmax, axis, /*check_values=*/false)) {
   // Packing groups the active weights by channel: the channels must be the outermost dimension.
   can_pack_ = pack && weight.is_cpu() && grid_.channels * grid_.inner == weight.numel();
   // floor(W/s) + z with the per-channel grid broadcast along its axis.
-  std::vector<int64_t> channel_shape(weight.dim(), 1);
-  if (axis.has_value()) channel_shape[at::maybe_wrap_dim(*axis, weight.dim())] = -1;
-  if (!axis.has_value()) channel_shape.clear();  // a 0-dim scale and zero point
+  std::vector<int64_t> channel_shape;  // empty: a 0-dim scale and zero point
+  if (axis.has_value()) {
+    channel_shape.assign(weight.dim(), 1);
+    channel_shape[at::maybe_wrap_dim(*axis, weight.dim())] = -1;
+  }
   const auto grid_view = [&](const Tensor& t) { return t.view(channel_shape); };
   grid_base_ = (at::floor(weight / grid_view(grid_.scale)) + grid_view(grid_.zero_point)).contiguous();
   v_ = ops::init_v(weight, scale, axis);
@@ -29,8 +30,9 @@ ActiveWeights::ActiveWeights(const Tensor& weight, const Tensor& scale, const Te
 void ActiveWeights::step(const Tensor& grad, double reg_lambda, double beta, double lr, double beta1, double beta2,
                          double eps, int64_t step) {
   if (!packed_) {
-    ops::adam_rounding_step_(v_, exp_avg_, exp_avg_sq_, soft_weight_, grad, grid_base_, scale_, zero_point_, qmin_,
-                             qmax_, axis_, reg_lambda, beta, lr, beta1, beta2, eps, step);
+    ops::adam_rounding_step_(v_, exp_avg_, exp_avg_sq_, soft_weight_, grad, grid_base_, grid_.scale,
+                             grid_.zero_point, grid_.qmin, grid_.qmax, axis_, reg_lambda, beta, lr, beta1, beta2, eps,
+                             step);
     return;
   }
   cpu::adam_rounding_step_packed_(v_packed_, exp_avg_packed_, exp_avg_sq_packed_, grid_base_packed_, soft_weight_,

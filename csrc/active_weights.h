@@ -43,10 +43,8 @@ class ActiveWeights {
   static constexpr double kMinShrink = 0.1;
   void unpack();  // writes the packed state back into the full tensors
 
-  at::Tensor scale_, zero_point_;
-  int64_t qmin_, qmax_;
   std::optional<int64_t> axis_;
-  QuantGrid grid_;
+  QuantGrid grid_;  // scale and zero point in the compute dtype, qmin/qmax, layout
   bool can_pack_;
   at::Tensor v_, exp_avg_, exp_avg_sq_, soft_weight_, grid_base_;  // full, weight-shaped
   // Packed state: the active weights' V, moments and grid base; layout_.index into the full tensors.

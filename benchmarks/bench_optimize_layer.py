@@ -56,15 +56,23 @@ def main():
                       warm_start=0.2, activation="relu", seed=0)
         t_plain, _ = timed(lambda: ref.adaround_loop(w, b, scale, None, -8, 7, 0, x, t, geo, record_losses=False,
                                                      **common), args.device)
-        t_ours, out = timed(lambda: torch.ops.adaround.optimize_layer(
+        ours = lambda graph: torch.ops.adaround.optimize_layer(
             w, b, scale, None, -8, 7, 0, x, t, geo["stride"], geo["padding"], geo["dilation"], 1,
-            mode="minibatch", log_every=100, **common), args.device)
-        rows.append((name, "x".join(map(str, shape)), f"{size}x{size}", f"{args.iterations / t_plain:.1f}",
-                     f"{args.iterations / t_ours:.1f}", f"{t_plain / t_ours:.2f}x", f"{out[4]:.4g}", f"{out[5]:.4g}"))
+            mode="minibatch", log_every=100, cuda_graph=graph, **common)
+        t_ours, out = timed(lambda: ours(False), args.device)
+        row = (name, "x".join(map(str, shape)), f"{size}x{size}", f"{args.iterations / t_plain:.1f}",
+               f"{args.iterations / t_ours:.1f}", f"{t_plain / t_ours:.2f}x", f"{out[4]:.4g}", f"{out[5]:.4g}")
+        if args.device != "cpu":  # CUDA graphs on: one captured iteration replayed
+            t_graph, _ = timed(lambda: ours(True), args.device)
+            row += (f"{args.iterations / t_graph:.1f}", f"{t_ours / t_graph:.2f}x")
+        rows.append(row)
     print(f"device={args.device} threads={torch.get_num_threads()} iterations={args.iterations} "
           f"batch={args.batch_size} torch={torch.__version__}")
     print("(times include optimize_layer's final full-cache error evaluation)")
-    print_table(("layer", "weight", "input", "plain it/s", "ours it/s", "speedup", "nearest err", "ada err"), rows)
+    header = ("layer", "weight", "input", "plain it/s", "ours it/s", "speedup", "nearest err", "ada err")
+    if args.device != "cpu":
+        header += ("graph it/s", "graph vs eager")
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@
 #include "step_checks.h"
 #include "step_ops.h"
 
+#ifdef ADAROUND_WITH_CUDA
+#include "../cuda/step_kernels.h"
+#endif
+
 namespace adaround {
 
 using at::Tensor;
@@ -38,6 +42,17 @@ void ActiveWeights::step(const Tensor& grad, double reg_lambda, double beta, dou
   cpu::adam_rounding_step_packed_(v_packed_, exp_avg_packed_, exp_avg_sq_packed_, grid_base_packed_, soft_weight_,
                                   grad.contiguous(), layout_, grid_, reg_lambda, beta,
                                   adam_step_constants(lr, beta1, beta2, eps, step));
+}
+
+void ActiveWeights::step_scheduled(const Tensor& grad, const Tensor& schedule, double lr, double beta1, double beta2,
+                                   double eps) {
+  TORCH_CHECK(v_.is_cuda() && !packed_, "step_scheduled runs on CUDA weights, which are never packed");
+#ifdef ADAROUND_WITH_CUDA
+  cuda::adam_rounding_step_scheduled_(v_, exp_avg_, exp_avg_sq_, soft_weight_, grad, grid_base_, grid_, schedule, lr,
+                                      beta1, beta2, eps);
+#else
+  TORCH_CHECK(false, "adaround_ext was built without CUDA");
+#endif
 }
 
 Tensor ActiveWeights::regularizer(double beta) const {

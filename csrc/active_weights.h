@@ -27,6 +27,11 @@ class ActiveWeights {
   void step(const at::Tensor& grad_soft_weight, double reg_lambda, double beta, double lr, double beta1,
             double beta2, double eps, int64_t step);
 
+  // The same step with reg_lambda, beta and Adam's bias corrections read from `schedule`, a
+  // float64 [4] device tensor (see cuda/step_kernels.h): the form a CUDA graph replays. CUDA only.
+  void step_scheduled(const at::Tensor& grad_soft_weight, const at::Tensor& schedule, double lr, double beta1,
+                      double beta2, double eps);
+
   // The regulariser sum over all weights (frozen ones contribute exactly 0), as a 0-dim tensor.
   at::Tensor regularizer(double beta) const;
 

@@ -13,7 +13,12 @@
 #include "active_weights.h"
 #include "grid.h"
 #include "rounding_ops.h"
+#include "step_checks.h"
 #include "step_ops.h"
+
+#ifdef ADAROUND_WITH_CUDA
+#include "../cuda/iteration_graph.h"
+#endif
 
 namespace adaround {
 namespace {
@@ -311,6 +316,45 @@ bool choose_exact(const std::string& mode, Activation act, const Tensor& w, cons
   return exact < minibatch;
 }
 
+// What changes between CUDA iterations, in device memory: the minibatch rows, drawn kRowChunk
+// iterations at a time, and each iteration's reg_lambda, beta and Adam bias corrections, read at a
+// counter that every iteration advances on the device. The iterations then enqueue the same work
+// with the same arguments, which is what a CUDA graph replays.
+class DeviceSchedule {
+ public:
+  static constexpr int64_t kRowChunk = 1024;
+
+  DeviceSchedule(const OptimizeOptions& opt, int64_t samples, at::Device device) : samples_(samples) {
+    const int64_t warm_iterations = int64_t(opt.warm_start * double(opt.iterations));
+    Tensor table = at::empty({opt.iterations, 4}, at::dtype(at::kDouble));
+    auto rows = table.accessor<double, 2>();
+    for (int64_t t = 0; t < opt.iterations; ++t) {
+      const AdamStep adam = adam_step_constants(opt.lr, kAdamBeta1, kAdamBeta2, kAdamEps, t + 1);
+      rows[t][0] = t >= warm_iterations ? opt.reg_lambda : 0.0;
+      rows[t][1] = beta_at(opt, t);
+      rows[t][2] = adam.bias_correction1;
+      rows[t][3] = adam.bias_correction2_sqrt;
+    }
+    table_ = table.to(device);
+    rows_ = at::empty({kRowChunk, opt.batch_size}, at::dtype(at::kLong).device(device));
+    counter_ = at::zeros({1}, at::dtype(at::kLong).device(device));
+  }
+
+  // Before iteration t, on the host: the rows of the next kRowChunk iterations when t starts a chunk.
+  void draw_rows(int64_t t, at::Generator& gen) {
+    if (t % kRowChunk == 0) at::randint_out(rows_, samples_, rows_.sizes(), gen);
+  }
+  Tensor rows() const { return rows_.index_select(0, counter_.remainder(kRowChunk)).view(-1); }
+  Tensor scalars() const { return table_.index_select(0, counter_).view(-1); }  // float64 [4]
+  void advance() { counter_.add_(1); }
+
+ private:
+  int64_t samples_;
+  Tensor table_;    // [iterations, 4]: reg_lambda, beta, 1 - beta1^t, sqrt(1 - beta2^t)
+  Tensor rows_;     // [kRowChunk, batch]
+  Tensor counter_;  // [1]: iterations done
+};
+
 // Restores cuDNN determinism and TF32 settings on scope exit.
 class BackendFlagsGuard {
  public:
@@ -394,14 +438,18 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
   gen.set_current_seed(uint64_t(opt.seed));
   const auto index_options = inputs.options().dtype(at::kLong);
   const bool streamed = inputs.device() != w.device();
+  // CUDA with the caches on the GPU: iterations read their rows and scalars from device memory.
+  std::optional<DeviceSchedule> device_schedule;
+  if (w.is_cuda() && !streamed) device_schedule.emplace(opt, n, w.device());
 
-  if (opt.on_progress) opt.on_progress(0, opt.iterations);
-  for (int64_t t = 0; t < opt.iterations; ++t) {
+  // One iteration: dL/dW~ (minibatch or full data), the sampled loss when log_now, and the step.
+  auto iterate = [&](int64_t t, bool log_now) {
     const bool regularize = t >= warm_iterations;
     const double lambda = regularize ? opt.reg_lambda : 0.0;
     const double beta = beta_at(opt, t);
-    const bool log_now = t % log_every == 0;
-    if (t > 0 && t % kRepackEvery == 0) state.repack();
+    auto minibatch_rows = [&] {
+      return device_schedule ? device_schedule->rows() : at::randint(n, {opt.batch_size}, gen, index_options);
+    };
     const Tensor& w_soft = state.soft_weight();
     Tensor grad_w, loss;
     if (exact) {
@@ -409,7 +457,7 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
       if (log_now) loss = gram_loss(gram, w_soft);
     } else if (unfolded.has_value()) {
       const UnfoldedCache& uc = *unfolded;
-      const Tensor idx = at::randint(n, {opt.batch_size}, gen, index_options);
+      const Tensor idx = minibatch_rows();
       const Tensor x = uc.inputs.index_select(0, idx).view({opt.batch_size * uc.rows_per_sample, -1});
       const Tensor y = uc.targets.index_select(0, idx).view({x.size(0), -1});
       const Tensor w_rows = w_soft.view({w.size(0), -1});
@@ -417,7 +465,7 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
       grad_w = ops::reconstruction_grad(pre, y, opt.activation, norm).t().mm(x).view(w_soft.sizes());
       if (log_now) loss = (activate(act, pre) - y).pow(2).sum() * norm;
     } else {
-      const Tensor idx = at::randint(n, {opt.batch_size}, gen, index_options);
+      const Tensor idx = minibatch_rows();
       const Tensor x = streamed ? gather_to_device(inputs, idx, w) : inputs.index_select(0, idx).to(work_dtype);
       const Tensor y = streamed ? gather_to_device(targets, idx, w) : targets.index_select(0, idx).to(work_dtype);
       const Tensor pre = forward(layer, x, w_soft, b);
@@ -428,7 +476,38 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
       if (regularize && lambda > 0) loss = loss + lambda * state.regularizer(beta);
       loss_curve.select(0, t / log_every).copy_(loss);  // device-side copy: no host sync
     }
-    state.step(grad_w, lambda, beta, opt.lr, kAdamBeta1, kAdamBeta2, kAdamEps, t + 1);
+    if (device_schedule) {
+      state.step_scheduled(grad_w, device_schedule->scalars(), opt.lr, kAdamBeta1, kAdamBeta2, kAdamEps);
+      device_schedule->advance();
+    } else {
+      state.step(grad_w, lambda, beta, opt.lr, kAdamBeta1, kAdamBeta2, kAdamEps, t + 1);
+    }
+  };
+
+#ifdef ADAROUND_WITH_CUDA
+  // Iterations that log run eagerly; the others replay one captured iteration.
+  bool use_graph = opt.cuda_graph && device_schedule.has_value();
+  std::optional<cuda::IterationGraph> graph;
+#endif
+  if (opt.on_progress) opt.on_progress(0, opt.iterations);
+  for (int64_t t = 0; t < opt.iterations; ++t) {
+    const bool log_now = t % log_every == 0;
+    if (t > 0 && t % kRepackEvery == 0) state.repack();
+    if (device_schedule && !exact) device_schedule->draw_rows(t, gen);
+#ifdef ADAROUND_WITH_CUDA
+    if (use_graph && !log_now && !graph) {
+      graph.emplace();
+      // The captured iteration takes everything that changes from device memory: t is not used.
+      use_graph = graph->capture([&] { iterate(t, false); });
+    }
+    if (use_graph && !log_now) {
+      graph->replay();
+    } else {
+      iterate(t, log_now);
+    }
+#else
+    iterate(t, log_now);
+#endif
     if (opt.on_progress) opt.on_progress(t + 1, opt.iterations);
   }
 
@@ -468,7 +547,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, double, double, double, bool> optimiz
     const Tensor& inputs, const Tensor& targets, std::vector<int64_t> stride, std::vector<int64_t> padding,
     std::vector<int64_t> dilation, int64_t groups, int64_t iterations, int64_t batch_size, double lr,
     double reg_lambda, double beta_start, double beta_end, double warm_start, c10::string_view schedule,
-    c10::string_view activation, c10::string_view mode, int64_t seed, int64_t log_every, bool allow_tf32) {
+    c10::string_view activation, c10::string_view mode, int64_t seed, int64_t log_every, bool allow_tf32,
+    bool cuda_graph) {
   OptimizeOptions opt;
   opt.iterations = iterations;
   opt.batch_size = batch_size;
@@ -483,6 +563,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, double, double, double, bool> optimiz
   opt.seed = seed;
   opt.log_every = log_every;
   opt.allow_tf32 = allow_tf32;
+  opt.cuda_graph = cuda_graph;
   opt.on_progress = progress::report;
   const OptimizeResult r = optimize_layer(weight, bias, LayerGrid{scale, zero_point, quant_min, quant_max, axis},
                                           inputs, targets, LayerGeometry{stride, padding, dilation, groups}, opt);
@@ -499,7 +580,7 @@ TORCH_LIBRARY_FRAGMENT(adaround, m) {
         "int[] dilation=[1], int groups=1, int iterations=10000, int batch_size=32, float lr=0.001, "
         "float reg_lambda=0.01, float beta_start=20., float beta_end=2., float warm_start=0.2, "
         "str schedule='cosine', str activation='none', str mode='auto', int seed=0, int log_every=0, "
-        "bool allow_tf32=False) -> (Tensor quantized_weight, Tensor codes, Tensor v, Tensor loss_curve, "
+        "bool allow_tf32=False, bool cuda_graph=False) -> (Tensor quantized_weight, Tensor codes, Tensor v, Tensor loss_curve, "
         "float nearest_error, float adaround_error, float undecided_fraction, bool exact_mode)");
   // One implementation for every backend: the loop dispatches its pieces by device.
   m.impl("optimize_layer", torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd,

@@ -49,6 +49,9 @@ struct OptimizeOptions {
   int64_t seed = 0;
   int64_t log_every = 0;            // loss-curve sampling period; 0 = iterations / 100
   bool allow_tf32 = false;
+  // CUDA, caches on the GPU: record one iteration in a CUDA graph and replay it (falls back to eager
+  // launches, with a warning, where capture fails). The same result as without. Not yet run on a GPU.
+  bool cuda_graph = false;
   // Packs weights whose rounding can no longer change out of the step (CPU): the same h(V), W~ and
   // result, with their V frozen where the full loop would let momentum drift them further out.
   bool pack_frozen = true;

@@ -33,13 +33,9 @@ inline AdamStep adam_step_constants(double lr, double beta1, double beta2, doubl
                   std::sqrt(1.0 - std::pow(beta2, double(step)))};
 }
 
-// Validates the adam_rounding_step_ arguments (no host sync) and derives the grid and the Adam constants.
-inline StepArgs check_step_args(const at::Tensor& v, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                                  const at::Tensor& soft_weight, const at::Tensor& grad,
-                                  const at::Tensor& grid_base, const at::Tensor& scale,
-                                  const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
-                                  std::optional<int64_t> axis, double lr, double beta1, double beta2,
-                                  double eps, int64_t step) {
+// The per-weight tensors of a step: V float32/float64 and contiguous, the others laid out as V.
+inline void check_step_state(const at::Tensor& v, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                             const at::Tensor& soft_weight, const at::Tensor& grad, const at::Tensor& grid_base) {
   TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
               "v must be float32 or float64, got ", v.scalar_type());
   TORCH_CHECK(v.is_contiguous(), "v must be contiguous");
@@ -48,6 +44,16 @@ inline StepArgs check_step_args(const at::Tensor& v, const at::Tensor& exp_avg, 
   check_same_layout(v, soft_weight, "soft_weight");
   check_same_layout(v, grad, "grad_soft_weight");
   check_same_layout(v, grid_base, "grid_base");
+}
+
+// Validates the adam_rounding_step_ arguments (no host sync) and derives the grid and the Adam constants.
+inline StepArgs check_step_args(const at::Tensor& v, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                                  const at::Tensor& soft_weight, const at::Tensor& grad,
+                                  const at::Tensor& grid_base, const at::Tensor& scale,
+                                  const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                                  std::optional<int64_t> axis, double lr, double beta1, double beta2,
+                                  double eps, int64_t step) {
+  check_step_state(v, exp_avg, exp_avg_sq, soft_weight, grad, grid_base);
   const QuantGrid grid = make_grid(v, scale, zero_point, quant_min, quant_max, axis, /*check_values=*/false);
   TORCH_CHECK(step >= 1, "step counts from 1, got ", step);
   TORCH_CHECK(lr > 0 && eps > 0 && beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1,

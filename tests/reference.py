@@ -86,6 +86,11 @@ def decided_nearest(v, mask):
     return torch.where(mask, torch.where(v >= 0, side, -side), v)
 
 
+# optimize_layer's minibatch convention: the rows of ROW_CHUNK iterations are drawn at once (on the
+# CPU the same sequence as one draw per iteration; on CUDA it lets the rows live on the device).
+ROW_CHUNK = 1024
+
+
 def adaround_loop(w, b, scale, zero_point, n, p, axis, inputs, targets, geometry, iterations, batch_size,
                   lr, reg_lambda, warm_start, activation, seed, record_losses=True, v_init=None):
     """The paper's minibatch AdaRound with autograd and torch.optim.Adam. Returns (V, losses).
@@ -101,7 +106,9 @@ def adaround_loop(w, b, scale, zero_point, n, p, axis, inputs, targets, geometry
     warm = int(warm_start * iterations)
     losses = []
     for t in range(iterations):
-        idx = torch.randint(0, inputs.shape[0], (batch_size,), generator=gen, device=w.device)
+        if t % ROW_CHUNK == 0:
+            rows = torch.randint(0, inputs.shape[0], (ROW_CHUNK, batch_size), generator=gen, device=w.device)
+        idx = rows[t % ROW_CHUNK]
         x, y = inputs[idx], targets[idx]
         pre = layer_forward(x, soft_quantize(w, v, scale, zero_point, n, p, axis), b, geometry)
         loss = (act(pre) - y).pow(2).sum() / (batch_size * positions)

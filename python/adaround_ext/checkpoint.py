@@ -18,7 +18,8 @@ def fingerprint(model: torch.nn.Module, samples: torch.Tensor, config) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     h.update(samples.contiguous().numpy().tobytes())
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("progress", "device")}
+    # Settings that cannot change the result stay out: a run resumes with or without them.
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("progress", "device", "cuda_graph")}
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
 

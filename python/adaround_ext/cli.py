@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--weights", default=None, help="torchvision pretrained weights file, with --data")
     p.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N test images")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--cuda-graph", action="store_true", help="CUDA: replay each iteration from a CUDA graph")
     args = p.parse_args(argv)
     unknown = [s for s in args.settings.split(",") if s not in SETTINGS]
     if unknown:
@@ -125,7 +126,7 @@ def main(argv=None):
         description, overrides = SETTINGS[setting]
         common = dict(overrides, iterations=args.iterations, num_samples=args.samples, batch_size=args.batch_size,
                       device=device, progress=not args.no_progress, first_layer_bits=args.first_last_bits,
-                      last_layer_bits=args.first_last_bits)
+                      last_layer_bits=args.first_last_bits, cuda_graph=args.cuda_graph)
         nearest_model = quantize(model, calib, QuantConfig(rounding="nearest", **common))
         nearest = testbed.evaluate(nearest_model, test_x, test_y, device=device)
         accs, times = [], []

@@ -39,6 +39,9 @@ class QuantConfig:
     # to the GPU a minibatch at a time; CUDA only) or "auto" (device when they fit in free GPU memory).
     cache_placement: str = "auto"
     device: Optional[str] = None  # None: cuda when available, else cpu
+    # CUDA with the caches on the GPU: replay each iteration from a captured CUDA graph. The same
+    # result; off by default until it has run on a GPU (see README).
+    cuda_graph: bool = False
     seed: int = 0
     progress: bool = True
 

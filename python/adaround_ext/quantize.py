@@ -312,7 +312,7 @@ def _quantize_layer(q_model, fp_model, name, module, kind, bits, index, samples,
                                 **geometry(module), iterations=config.iterations, batch_size=config.batch_size,
                                 lr=config.lr, reg_lambda=config.reg_lambda, beta_start=config.beta_start,
                                 beta_end=config.beta_end, warm_start=config.warm_start, schedule=config.schedule,
-                                activation=activation, mode=config.mode, seed=seed,
+                                activation=activation, mode=config.mode, seed=seed, cuda_graph=config.cuda_graph,
                                 progress=name if config.progress else None)
         report.seconds = time.perf_counter() - t_opt
         codes = result.codes

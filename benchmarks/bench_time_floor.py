@@ -59,7 +59,7 @@ def exact_is_cheaper(out, k, positions, batch, iterations, samples):
     return exact < minibatch
 
 
-def iteration_work(name, module, in_shape, activation, batch, iterations, samples):
+def iteration_work(module, in_shape, activation, batch, iterations, samples):
     """(path, multiply-adds, timed function) of one iteration's products."""
     if isinstance(module, nn.Linear):
         out, k, positions = module.out_features, module.in_features, 1
@@ -106,7 +106,7 @@ def main():
     rows, total_s = [], 0.0
     for name in execution_order(model, example):
         module = modules[name]
-        path, macs, fn = iteration_work(name, module, shapes[name], activations.get(name, "none"),
+        path, macs, fn = iteration_work(module, shapes[name], activations.get(name, "none"),
                                         args.batch_size, args.iterations, args.samples)
         ms = median_ms(fn)
         seconds = ms * args.iterations / 1e3

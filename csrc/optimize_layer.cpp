@@ -316,6 +316,11 @@ bool choose_exact(const std::string& mode, Activation act, const Tensor& w, cons
   return exact < minibatch;
 }
 
+// reg_lambda at iteration t (0-based): 0 during the warm start.
+double lambda_at(const OptimizeOptions& opt, int64_t t) {
+  return t >= int64_t(opt.warm_start * double(opt.iterations)) ? opt.reg_lambda : 0.0;
+}
+
 // What changes between CUDA iterations, in device memory: the minibatch rows, drawn kRowChunk
 // iterations at a time, and each iteration's reg_lambda, beta and Adam bias corrections, read at a
 // counter that every iteration advances on the device. The iterations then enqueue the same work
@@ -325,12 +330,11 @@ class DeviceSchedule {
   static constexpr int64_t kRowChunk = 1024;
 
   DeviceSchedule(const OptimizeOptions& opt, int64_t samples, at::Device device) : samples_(samples) {
-    const int64_t warm_iterations = int64_t(opt.warm_start * double(opt.iterations));
     Tensor table = at::empty({opt.iterations, 4}, at::dtype(at::kDouble));
     auto rows = table.accessor<double, 2>();
     for (int64_t t = 0; t < opt.iterations; ++t) {
       const AdamStep adam = adam_step_constants(opt.lr, kAdamBeta1, kAdamBeta2, kAdamEps, t + 1);
-      rows[t][0] = t >= warm_iterations ? opt.reg_lambda : 0.0;
+      rows[t][0] = lambda_at(opt, t);
       rows[t][1] = beta_at(opt, t);
       rows[t][2] = adam.bias_correction1;
       rows[t][3] = adam.bias_correction2_sqrt;
@@ -429,7 +433,6 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
 
   const int64_t log_every = opt.log_every > 0 ? opt.log_every : std::max<int64_t>(1, opt.iterations / 100);
   Tensor loss_curve = at::zeros({(opt.iterations + log_every - 1) / log_every}, w.options().dtype(at::kFloat));
-  const int64_t warm_iterations = int64_t(opt.warm_start * double(opt.iterations));
   const double norm = 1.0 / double(opt.batch_size * layer.positions);
 
   // Minibatch indices are drawn where the caches are: on the device (no host sync), or on the host
@@ -444,8 +447,7 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
 
   // One iteration: dL/dW~ (minibatch or full data), the sampled loss when log_now, and the step.
   auto iterate = [&](int64_t t, bool log_now) {
-    const bool regularize = t >= warm_iterations;
-    const double lambda = regularize ? opt.reg_lambda : 0.0;
+    const double lambda = lambda_at(opt, t);
     const double beta = beta_at(opt, t);
     auto minibatch_rows = [&] {
       return device_schedule ? device_schedule->rows() : at::randint(n, {opt.batch_size}, gen, index_options);
@@ -473,7 +475,7 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
       if (log_now) loss = (activate(act, pre) - y).pow(2).sum() * norm;
     }
     if (log_now) {
-      if (regularize && lambda > 0) loss = loss + lambda * state.regularizer(beta);
+      if (lambda > 0) loss = loss + lambda * state.regularizer(beta);
       loss_curve.select(0, t / log_every).copy_(loss);  // device-side copy: no host sync
     }
     if (device_schedule) {

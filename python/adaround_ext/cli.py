@@ -51,7 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--train-epochs", type=int, default=3)
     p.add_argument("--data", default=None, help="ImageNet val folder (ImageFolder layout); default Fashion-MNIST")
     p.add_argument("--weights", default=None, help="torchvision pretrained weights file, with --data")
-    p.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--calib-data", default=None,
+                   help="folder (ImageFolder layout) to draw the calibration images from, e.g. ImageNet train; "
+                        "default --data")
+    p.add_argument("--workers", type=int, default=4, help="image decoding processes for --data")
+    p.add_argument("--eval-images", type=int, default=None,
+                   help="evaluate on N test images (Fashion-MNIST: the first N; --data: a fixed random spread)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--cuda-graph", action="store_true", help="CUDA: replay each iteration from a CUDA graph")
     args = p.parse_args(argv)
@@ -80,8 +85,14 @@ def load_fashion_model(args, log):
 def load_imagenet_model(args, log):
     if not args.weights or not os.path.exists(args.weights):
         raise SystemExit(f"--data needs --weights pointing at a torchvision {args.arch} checkpoint found locally")
+    for flag, folder in (("--data", args.data), ("--calib-data", args.calib_data)):
+        if folder is not None and not os.path.isdir(folder):
+            raise SystemExit(f"{flag} {folder!r} is not a directory (ImageFolder layout: one folder per class)")
     model = testbed.resnet(args.arch, num_classes=1000)
-    model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    except RuntimeError as exc:
+        raise SystemExit(f"--weights {args.weights!r} does not fit torchvision {args.arch}: {exc}") from exc
     log(f"FP32 model: {args.weights}")
     return model.eval()
 
@@ -107,18 +118,17 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.data:
         model = load_imagenet_model(args, log)
-        calib, _ = testbed.imagenet_val(args.data, limit=args.samples)
-        test_x, test_y = testbed.imagenet_val(args.data, limit=args.eval_images)
+        calib = testbed.imagenet_images(args.calib_data or args.data, args.samples, workers=args.workers)
+        test_set = (testbed.imagenet_loader(args.data, limit=args.eval_images, workers=args.workers), None)
     else:
         model = load_fashion_model(args, log)
         train_x, _ = testbed.fashion_mnist("train")
         # A fixed random subset of the training images, labels unused.
         calib = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[: args.samples]]
         test_x, test_y = testbed.fashion_mnist("test")
-    if args.eval_images:
-        test_x, test_y = test_x[: args.eval_images], test_y[: args.eval_images]
+        test_set = (test_x[: args.eval_images], test_y[: args.eval_images])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    fp32 = testbed.evaluate(model.to(device), test_x, test_y, device=device)
+    fp32 = testbed.evaluate(model.to(device), *test_set, device=device)
     log(f"FP32 accuracy: {fp32:.2f}%")
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
@@ -128,20 +138,20 @@ def main(argv=None):
                       device=device, progress=not args.no_progress, first_layer_bits=args.first_last_bits,
                       last_layer_bits=args.first_last_bits, cuda_graph=args.cuda_graph)
         nearest_model = quantize(model, calib, QuantConfig(rounding="nearest", **common))
-        nearest = testbed.evaluate(nearest_model, test_x, test_y, device=device)
+        nearest = testbed.evaluate(nearest_model, *test_set, device=device)
         accs, times = [], []
         for seed in seeds:
             start = time.perf_counter()
             q = quantize(model, calib, QuantConfig(rounding="adaround", seed=seed, **common),
                          checkpoint_dir=os.path.join(args.out, f"ckpt_{args.arch}_{setting}_it{args.iterations}_s{seed}"))
-            accs.append(testbed.evaluate(q, test_x, test_y, device=device))
+            accs.append(testbed.evaluate(q, *test_set, device=device))
             eval_time = time.perf_counter() - start - q.adaround_report.total_seconds
             times.append(time.perf_counter() - start)
             stem = os.path.join(args.out, f"{args.arch}_{setting}_seed{seed}")
             log(f"\n{description}, seed {seed}: AdaRound {accs[-1]:.2f}% (nearest {nearest:.2f}%)")
             log(q.adaround_report.table())
             log(f"evaluation {eval_time:.1f} s")
-            write_artifacts(q, stem, test_x[:2], f"{args.arch} {description}, seed {seed}", log)
+            write_artifacts(q, stem, calib[:2], f"{args.arch} {description}, seed {seed}", log)
         spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
         rows.append((description, f"{fp32:.2f}", f"{nearest:.2f}", f"{statistics.mean(accs):.2f}{spread}",
                      f"{statistics.mean(times):.0f}"))

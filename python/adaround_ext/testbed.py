@@ -75,21 +75,27 @@ def train(model: nn.Module, images, labels, epochs: int = 3, batch_size: int = 1
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images, labels, batch_size: int = 500, device=None) -> float:
-    """Top-1 accuracy in percent."""
+def evaluate(model: nn.Module, images, labels=None, batch_size: int = 500, device=None) -> float:
+    """Top-1 accuracy in percent over tensors (images, labels), or, with labels None, over an
+    iterable of (images, labels) batches such as a DataLoader (ImageNet's val set does not fit in memory)."""
     if device is None:
         tensor = next(iter(model.parameters()), None)
         tensor = tensor if tensor is not None else next(iter(model.buffers()), None)
         device = tensor.device if tensor is not None else "cpu"
+    batches = images if labels is None else zip(images.split(batch_size), labels.split(batch_size))
     model.eval()
-    correct = 0
-    for x, y in zip(images.split(batch_size), labels.split(batch_size)):
+    correct = total = 0
+    for x, y in batches:
         correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-    return 100.0 * correct / len(labels)
+        total += len(y)
+    if total == 0:
+        raise ValueError("evaluate: no test images")
+    return 100.0 * correct / total
 
 
-def imagenet_val(path: str, limit: Optional[int] = None):
-    """(images, labels) of an ImageNet val folder in ImageFolder layout, resized and centre-cropped."""
+def imagenet_subset(path: str, limit: Optional[int] = None):
+    """An ImageNet-style folder (ImageFolder layout) resized to 256 and centre-cropped to 224, as
+    torchvision's pretrained weights expect; with `limit`, a fixed random spread over its classes."""
     import torchvision
     from torchvision import transforms as T
 
@@ -98,9 +104,17 @@ def imagenet_val(path: str, limit: Optional[int] = None):
     tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
                     T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     dataset = torchvision.datasets.ImageFolder(path, tf)
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    # A fixed spread over the classes when only part of the set is used.
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count]
-    images = torch.stack([dataset[i][0] for i in idx.tolist()])
-    labels = torch.tensor([dataset.targets[i] for i in idx.tolist()])
-    return images, labels
+    if limit is None or limit >= len(dataset):
+        return dataset
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit]
+    return torch.utils.data.Subset(dataset, idx.tolist())
+
+
+def imagenet_loader(path: str, limit: Optional[int] = None, batch_size: int = 100, workers: int = 4):
+    """Batches of (images, labels) from imagenet_subset, decoded by `workers` processes."""
+    return torch.utils.data.DataLoader(imagenet_subset(path, limit), batch_size=batch_size, num_workers=workers)
+
+
+def imagenet_images(path: str, limit: int, workers: int = 4) -> torch.Tensor:
+    """The images of imagenet_subset(path, limit) in one tensor (calibration sets of ~1k images)."""
+    return torch.cat([x for x, _ in imagenet_loader(path, limit, workers=workers)])

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import adaround_ext as ae
 from adaround_ext import testbed
@@ -138,6 +139,44 @@ def test_model_without_quantizable_layers():
     model = nn.Sequential(nn.ReLU(), nn.Flatten())
     with pytest.raises(ValueError, match="no Conv1d, Conv2d or Linear layer"):
         ae.quantize(model, torch.randn(4, 3, 8, 8), ae.QuantConfig(**FAST))
+
+
+class Decoder(nn.Module):
+    """Convolutions with string padding and a transposed convolution quantize() leaves in float."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = nn.Conv2d(3, 8, 3, padding="same", dilation=2)
+        self.valid = nn.Conv2d(8, 8, 3, padding="valid")
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(torch.relu(self.valid(torch.relu(self.same(x)))))
+
+
+def test_string_padding_and_layers_kept_in_float():
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    x = torch.randn(32, 3, 10, 10)
+    q = ae.quantize(model, x, ae.QuantConfig(weight_bits=4, activation_bits=None, **dict(FAST, num_samples=32,
+                                                                                          iterations=20)))
+    assert q.adaround_report.kept_float == ["up (ConvTranspose2d)"]
+    assert "kept in floating point (unsupported type): up (ConvTranspose2d)" in q.adaround_report.table()
+    assert isinstance(q.up, nn.ConvTranspose2d) and torch.equal(q.up.weight, model.up.weight)
+    # The quantized layers compute what PyTorch's own padding modes give with the dequantized weights.
+    for name, padding in (("same", "same"), ("valid", "valid")):
+        layer, original = q.get_submodule(name), model.get_submodule(name)
+        inputs = torch.randn(2, original.in_channels, 10, 10)
+        expected = F.conv2d(inputs, layer.dequantized_weight(), original.bias, padding=padding,
+                            dilation=original.dilation)
+        torch.testing.assert_close(layer(inputs), expected)
+    assert q(x).shape == model(x).shape
+
+
+def test_uneven_same_padding_is_an_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 4, padding="same")).eval()
+    with pytest.raises(ValueError, match="padding='same' with kernel \\(4, 4\\)"):
+        ae.quantize(model, torch.randn(4, 3, 8, 8), ae.QuantConfig(**dict(FAST, num_samples=4, iterations=2)))
 
 
 @pytest.mark.parametrize("field,value", [("weight_bits", 1), ("weight_bits", 9), ("activation_bits", 16),

@@ -109,12 +109,30 @@ def layer_kind(module: nn.Module) -> Optional[str]:
     return None
 
 
+def unsupported_weight_layer(module: nn.Module) -> bool:
+    """A layer with weights that quantize() cannot learn the rounding of (ConvTranspose, Conv3d, ...)."""
+    weighted = isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.Embedding))
+    return weighted and layer_kind(module) is None
+
+
+def explicit_padding(module: nn.Module) -> tuple:
+    """The padding of a convolution as numbers; "valid" is 0 and "same" the symmetric padding that keeps
+    the size (stride 1, dilation * (kernel - 1) even in every dimension)."""
+    if not isinstance(module.padding, str):
+        return tuple(module.padding)
+    if module.padding == "valid":
+        return (0,) * len(module.kernel_size)
+    total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+    if any(t % 2 for t in total):
+        raise ValueError(f"padding='same' with kernel {tuple(module.kernel_size)} and dilation "
+                         f"{tuple(module.dilation)} pads unevenly; only symmetric padding is supported")
+    return tuple(t // 2 for t in total)
+
+
 def geometry(module: nn.Module) -> dict:
     if isinstance(module, nn.Linear):
         return dict(stride=(1,), padding=(0,), dilation=(1,), groups=1)
-    if isinstance(module.padding, str):
-        raise ValueError(f"padding={module.padding!r} is not supported; use explicit padding")
     if module.padding_mode != "zeros":
         raise ValueError(f"padding_mode={module.padding_mode!r} is not supported; only zeros")
-    return dict(stride=tuple(module.stride), padding=tuple(module.padding), dilation=tuple(module.dilation),
+    return dict(stride=tuple(module.stride), padding=explicit_padding(module), dilation=tuple(module.dilation),
                 groups=module.groups)

@@ -19,7 +19,8 @@ from .checkpoint import Checkpoint, fingerprint
 from .config import QuantConfig
 from .folding import conv_bn_pairs, fold_batchnorm
 from .layer import optimize_layer
-from .modules import ActivationQuantizer, QuantizedLayer, geometry, layer_kind, set_submodule
+from .modules import (ActivationQuantizer, QuantizedLayer, geometry, layer_kind, set_submodule,
+                      unsupported_weight_layer)
 from .report import LayerReport, QuantizationReport
 from .scales import init_activation_grid, init_weight_grid
 
@@ -241,6 +242,10 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
         raise ValueError(f"calibration samples of shape {tuple(samples.shape[1:])} do not fit the model: {exc}") from exc
     if not layers:
         raise ValueError("the model has no Conv1d, Conv2d or Linear layer to quantize")
+    report.kept_float = [f"{name} ({type(m).__name__})" for name, m in fp_model.named_modules()
+                         if unsupported_weight_layer(m)]
+    if report.kept_float:
+        log.warning("these layers stay in floating point (unsupported type): %s", ", ".join(report.kept_float))
     activations = following_activations(fp_model) if config.loss_activation == "auto" else {}
     ckpt = Checkpoint(checkpoint_dir, fingerprint(fp_model, samples, config)) if checkpoint_dir else None
 

@@ -32,6 +32,8 @@ class QuantizationReport:
     device: str = "cpu"
     config: dict = field(default_factory=dict)
     layers: List[LayerReport] = field(default_factory=list)
+    # Layers with weights of a type quantize() does not handle (e.g. "up (ConvTranspose2d)"): left in float.
+    kept_float: List[str] = field(default_factory=list)
     cache_seconds: float = 0.0
     optimize_seconds: float = 0.0
     calibrate_seconds: float = 0.0
@@ -47,6 +49,8 @@ class QuantizationReport:
                  f"{r.seconds:.1f}") for r in self.layers]
         widths = [max(len(x) for x in col) for col in zip(header, *rows)]
         lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in (header, *rows)]
+        if self.kept_float:
+            lines.append("kept in floating point (unsupported type): " + ", ".join(self.kept_float))
         lines.append(f"time: caching {self.cache_seconds:.1f} s, optimisation {self.optimize_seconds:.1f} s, "
                      f"activation calibration {self.calibrate_seconds:.1f} s, total {self.total_seconds:.1f} s "
                      f"on {self.device}")

@@ -47,6 +47,8 @@ struct Layer {
   int64_t spatial = 0;  // 0 for Linear
   std::vector<int64_t> stride, padding, dilation, output_padding;
   int64_t groups = 1;
+  bool transposed = false;  // ConvTranspose: weight [in, out / groups, kernel...]
+  int64_t out_channels = 1;
   int64_t positions = 1;  // output positions per sample (1 for Linear)
 };
 
@@ -83,7 +85,15 @@ Layer check_layer(const Tensor& weight, const std::optional<Tensor>& bias, const
   Layer layer;
   layer.spatial = weight.dim() - 2;
   layer.groups = geo.groups;
+  layer.transposed = geo.transposed;
   TORCH_CHECK(geo.groups >= 1, "groups must be >= 1, got ", geo.groups);
+  TORCH_CHECK(!geo.transposed || layer.spatial > 0, "transposed applies to convolutions only, not to a 2-D "
+                                                    "(Linear) weight");
+  const bool no_output_padding =
+      std::all_of(geo.output_padding.begin(), geo.output_padding.end(), [](int64_t p) { return p == 0; });
+  TORCH_CHECK(geo.transposed || no_output_padding, "output_padding applies to transposed convolutions only");
+  // A transposed weight is [in, out / groups, kernel...]; a plain one [out, in / groups, kernel...].
+  layer.out_channels = geo.transposed ? weight.size(1) * geo.groups : weight.size(0);
   if (layer.spatial == 0) {
     const bool defaults = geo.groups == 1 &&
                           std::all_of(geo.stride.begin(), geo.stride.end(), [](int64_t s) { return s == 1; }) &&
@@ -97,29 +107,41 @@ Layer check_layer(const Tensor& weight, const std::optional<Tensor>& bias, const
     layer.stride = expand_arg(geo.stride, layer.spatial, "stride");
     layer.padding = expand_arg(geo.padding, layer.spatial, "padding");
     layer.dilation = expand_arg(geo.dilation, layer.spatial, "dilation");
-    layer.output_padding.assign(layer.spatial, 0);
-    TORCH_CHECK(weight.size(0) % geo.groups == 0, "groups (", geo.groups, ") must divide the ",
-                weight.size(0), " output channels");
-    TORCH_CHECK(inputs.size(1) == weight.size(1) * geo.groups, "inputs have ", inputs.size(1),
-                " channels but weight with groups=", geo.groups, " expects ", weight.size(1) * geo.groups);
+    layer.output_padding = expand_arg(geo.output_padding, layer.spatial, "output_padding");
+    TORCH_CHECK(weight.size(0) % geo.groups == 0, "groups (", geo.groups, ") must divide the ", weight.size(0),
+                geo.transposed ? " input channels" : " output channels");
+    const int64_t in_channels = geo.transposed ? weight.size(0) : weight.size(1) * geo.groups;
+    TORCH_CHECK(inputs.size(1) == in_channels, "inputs have ", inputs.size(1), " channels but weight of shape ",
+                weight.sizes(), " with groups=", geo.groups, " expects ", in_channels);
     for (int64_t d = 0; d < layer.spatial; ++d) {
       TORCH_CHECK(layer.stride[d] >= 1, "stride must be >= 1, got ", layer.stride[d]);
       TORCH_CHECK(layer.dilation[d] >= 1, "dilation must be >= 1, got ", layer.dilation[d]);
       TORCH_CHECK(layer.padding[d] >= 0, "padding must be >= 0, got ", layer.padding[d]);
+      const int64_t op = layer.output_padding[d];
+      TORCH_CHECK(op >= 0 && (op < layer.stride[d] || op < layer.dilation[d]),
+                  "output_padding must be >= 0 and smaller than stride or dilation, got ", op);
     }
   }
-  std::vector<int64_t> expected{inputs.size(0), weight.size(0)};
+  std::vector<int64_t> expected{inputs.size(0), layer.out_channels};
   for (int64_t d = 0; d < layer.spatial; ++d) {
-    const int64_t extent = inputs.size(2 + d) + 2 * layer.padding[d] - layer.dilation[d] * (weight.size(2 + d) - 1) - 1;
-    TORCH_CHECK(extent >= 0, "inputs of shape ", inputs.sizes(), " are smaller than the kernel");
-    expected.push_back(extent / layer.stride[d] + 1);
-    layer.positions *= expected.back();
+    const int64_t span = layer.dilation[d] * (weight.size(2 + d) - 1);
+    int64_t size = 0;
+    if (layer.transposed) {
+      size = (inputs.size(2 + d) - 1) * layer.stride[d] - 2 * layer.padding[d] + span + layer.output_padding[d] + 1;
+      TORCH_CHECK(size > 0, "padding ", layer.padding[d], " leaves no output for inputs of shape ", inputs.sizes());
+    } else {
+      const int64_t extent = inputs.size(2 + d) + 2 * layer.padding[d] - span - 1;
+      TORCH_CHECK(extent >= 0, "inputs of shape ", inputs.sizes(), " are smaller than the kernel");
+      size = extent / layer.stride[d] + 1;
+    }
+    expected.push_back(size);
+    layer.positions *= size;
   }
   TORCH_CHECK(targets.sizes() == at::IntArrayRef(expected), "targets must have shape ", at::IntArrayRef(expected),
               " (the layer's output for these inputs), got ", targets.sizes());
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape [", weight.size(0),
-                "], got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == layer.out_channels, "bias must have shape [",
+                layer.out_channels, "], got ", bias->sizes());
     TORCH_CHECK(bias->device() == weight.device(), "bias is on ", bias->device(), " but weight is on ",
                 weight.device());
   }
@@ -128,8 +150,8 @@ Layer check_layer(const Tensor& weight, const std::optional<Tensor>& bias, const
 
 Tensor forward(const Layer& layer, const Tensor& x, const Tensor& w, const std::optional<Tensor>& bias) {
   if (layer.spatial == 0) return at::linear(x, w, bias);
-  return at::convolution(x, w, bias, layer.stride, layer.padding, layer.dilation, false, layer.output_padding,
-                         layer.groups);
+  return at::convolution(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.transposed,
+                         layer.output_padding, layer.groups);
 }
 
 Tensor activate(Activation act, const Tensor& x) {
@@ -205,14 +227,14 @@ Tensor gather_to_device(const Tensor& cache, const Tensor& idx, const Tensor& w)
 // dL/dW from dL/d(output) without the input gradient.
 Tensor weight_grad(const Layer& layer, const Tensor& grad_out, const Tensor& x, const Tensor& w) {
   if (layer.spatial == 0) return grad_out.t().mm(x);
-  if (x.is_cpu() && layer.positions <= kIm2colGradMaxPositions) {
+  if (x.is_cpu() && !layer.transposed && layer.positions <= kIm2colGradMaxPositions) {
     // On the CPU oneDNN's weight gradient is slow for tiny feature maps (50 ms against 2 ms for
     // 512x512x3x3 at 1x1); an im2col GEMM is not.
     auto [cols, grad_rows] = unfold_chunk(layer, w, x, grad_out);  // [g, rows, K], [g, rows, out_g]
     return at::bmm(grad_rows.transpose(1, 2), cols).view(w.sizes());
   }
   return std::get<1>(at::convolution_backward(grad_out, x, w, std::nullopt, layer.stride, layer.padding,
-                                              layer.dilation, false, layer.output_padding, layer.groups,
+                                              layer.dilation, layer.transposed, layer.output_padding, layer.groups,
                                               {false, true, false}))
       .contiguous();
 }
@@ -233,7 +255,7 @@ struct UnfoldedCache {
 std::optional<UnfoldedCache> unfold_cache(const Layer& layer, const Tensor& w, const Tensor& inputs,
                                           const Tensor& targets, std::optional<int64_t> axis) {
   const int64_t n = inputs.size(0), k = w.numel() / w.size(0), out = w.size(0);
-  if (!w.is_cpu() || !inputs.is_cpu() || layer.spatial == 0 || layer.groups != 1 ||
+  if (!w.is_cpu() || !inputs.is_cpu() || layer.spatial == 0 || layer.groups != 1 || layer.transposed ||
       layer.positions > kGemmMaxPositions || n * layer.positions * k > kMaxUnfoldedElements) {
     return std::nullopt;
   }
@@ -304,10 +326,11 @@ bool choose_exact(const std::string& mode, Activation act, const Tensor& w, cons
   if (mode == "minibatch") return false;
   if (mode == "exact") {
     TORCH_CHECK(act == Activation::kNone, "mode='exact' needs activation='none' (the loss must be quadratic)");
+    TORCH_CHECK(!layer.transposed, "mode='exact' is not available for transposed convolutions; use minibatch");
     return true;
   }
   TORCH_CHECK(mode == "auto", "mode must be one of minibatch, exact, auto; got '", mode, "'");
-  if (act != Activation::kNone) return false;
+  if (act != Activation::kNone || layer.transposed) return false;
   // Multiply-adds: minibatch = forward + weight gradient per iteration; exact = one W~ G per
   // iteration plus building G once.
   const double k = double(w.numel() / w.size(0)), out = double(w.size(0)), pos = double(layer.positions);
@@ -427,9 +450,15 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
       exact ? std::nullopt : unfold_cache(layer, w, inputs, targets, grid_args.axis);
   // With the unfolded cache only the live columns of the [out, K] weight are learned (see UnfoldedCache).
   const bool live_only = unfolded.has_value() && !unfolded->all_live;
-  const Tensor w_learned = live_only ? w.view({w.size(0), -1}).index_select(1, unfolded->live).contiguous() : w;
-  ActiveWeights state(w_learned, grid.scale, grid.zero_point, grid.qmin, grid.qmax, grid_args.axis,
-                      opt.pack_frozen);
+  // ActiveWeights packs by channel, which must then be the outermost dimension: a transposed
+  // convolution's per-channel grid is on axis 1, so its rounding is learned with axes 0 and 1 swapped.
+  const bool swapped =
+      layer.transposed && grid_args.axis.has_value() && at::maybe_wrap_dim(*grid_args.axis, w.dim()) == 1;
+  const Tensor w_learned = live_only ? w.view({w.size(0), -1}).index_select(1, unfolded->live).contiguous()
+                           : swapped ? w.transpose(0, 1).contiguous()
+                                     : w;
+  ActiveWeights state(w_learned, grid.scale, grid.zero_point, grid.qmin, grid.qmax,
+                      swapped ? std::optional<int64_t>(0) : grid_args.axis, opt.pack_frozen);
 
   const int64_t log_every = opt.log_every > 0 ? opt.log_every : std::max<int64_t>(1, opt.iterations / 100);
   Tensor loss_curve = at::zeros({(opt.iterations + log_every - 1) / log_every}, w.options().dtype(at::kFloat));
@@ -452,7 +481,7 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
     auto minibatch_rows = [&] {
       return device_schedule ? device_schedule->rows() : at::randint(n, {opt.batch_size}, gen, index_options);
     };
-    const Tensor& w_soft = state.soft_weight();
+    const Tensor w_soft = swapped ? state.soft_weight().transpose(0, 1) : state.soft_weight();
     Tensor grad_w, loss;
     if (exact) {
       grad_w = gram_grad(gram, w_soft);
@@ -478,6 +507,7 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
       if (lambda > 0) loss = loss + lambda * state.regularizer(beta);
       loss_curve.select(0, t / log_every).copy_(loss);  // device-side copy: no host sync
     }
+    if (swapped) grad_w = grad_w.transpose(0, 1).contiguous();
     if (device_schedule) {
       state.step_scheduled(grad_w, device_schedule->scalars(), opt.lr, kAdamBeta1, kAdamBeta2, kAdamEps);
       device_schedule->advance();
@@ -513,7 +543,7 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
     if (opt.on_progress) opt.on_progress(t + 1, opt.iterations);
   }
 
-  Tensor v = state.v();
+  Tensor v = swapped ? state.v().transpose(0, 1).contiguous() : state.v();
   if (live_only) {
     // Dead columns have no reconstruction gradient; the regulariser alone only pushes h(V) away from
     // 1/2, so their rounding is nearest (ties up). Return them decided on that side.
@@ -550,7 +580,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, double, double, double, bool> optimiz
     std::vector<int64_t> dilation, int64_t groups, int64_t iterations, int64_t batch_size, double lr,
     double reg_lambda, double beta_start, double beta_end, double warm_start, c10::string_view schedule,
     c10::string_view activation, c10::string_view mode, int64_t seed, int64_t log_every, bool allow_tf32,
-    bool cuda_graph) {
+    bool cuda_graph, bool transposed, std::vector<int64_t> output_padding) {
   OptimizeOptions opt;
   opt.iterations = iterations;
   opt.batch_size = batch_size;
@@ -568,7 +598,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, double, double, double, bool> optimiz
   opt.cuda_graph = cuda_graph;
   opt.on_progress = progress::report;
   const OptimizeResult r = optimize_layer(weight, bias, LayerGrid{scale, zero_point, quant_min, quant_max, axis},
-                                          inputs, targets, LayerGeometry{stride, padding, dilation, groups}, opt);
+                                          inputs, targets,
+                                          LayerGeometry{stride, padding, dilation, groups, transposed, output_padding},
+                                          opt);
   return {r.quantized_weight, r.codes, r.v,           r.loss_curve, r.nearest_error, r.adaround_error,
           r.undecided_fraction, r.exact_mode};
 }
@@ -582,7 +614,8 @@ TORCH_LIBRARY_FRAGMENT(adaround, m) {
         "int[] dilation=[1], int groups=1, int iterations=10000, int batch_size=32, float lr=0.001, "
         "float reg_lambda=0.01, float beta_start=20., float beta_end=2., float warm_start=0.2, "
         "str schedule='cosine', str activation='none', str mode='auto', int seed=0, int log_every=0, "
-        "bool allow_tf32=False, bool cuda_graph=False) -> (Tensor quantized_weight, Tensor codes, Tensor v, Tensor loss_curve, "
+        "bool allow_tf32=False, bool cuda_graph=False, bool transposed=False, int[] output_padding=[0]) -> "
+        "(Tensor quantized_weight, Tensor codes, Tensor v, Tensor loss_curve, "
         "float nearest_error, float adaround_error, float undecided_fraction, bool exact_mode)");
   // One implementation for every backend: the loop dispatches its pieces by device.
   m.impl("optimize_layer", torch::dispatch(c10::DispatchKey::CompositeExplicitAutograd,

@@ -1,4 +1,4 @@
-// optimize_layer: learns the rounding of one Linear/Conv1d/Conv2d layer (SPEC section 2).
+// optimize_layer: learns the rounding of one Linear, Conv1d/2d or ConvTranspose1d/2d layer (SPEC section 2).
 //
 //   adaround::LayerGrid grid{scale, zero_point, -8, 7, /*axis=*/0};
 //   adaround::LayerGeometry conv{{2, 2}, {1, 1}, {1, 1}, /*groups=*/1};
@@ -27,12 +27,15 @@ struct LayerGrid {
   std::optional<int64_t> axis;            // nullopt: per tensor
 };
 
-// Convolution arguments; a Linear layer (2-D weight) takes the defaults.
+// Convolution arguments; a Linear layer (2-D weight) takes the defaults. A transposed convolution
+// (ConvTranspose1d/2d) has its weight as [in, out / groups, kernel...] and its channel axis at 1.
 struct LayerGeometry {
   std::vector<int64_t> stride{1};
   std::vector<int64_t> padding{0};
   std::vector<int64_t> dilation{1};
   int64_t groups = 1;
+  bool transposed = false;
+  std::vector<int64_t> output_padding{0};  // transposed only
 };
 
 struct OptimizeOptions {

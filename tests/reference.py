@@ -64,6 +64,11 @@ def beta_at(t, iterations, warm_start=0.2, beta_start=20.0, beta_end=2.0, schedu
 def layer_forward(x, w, b, geometry):
     if w.dim() == 2:
         return F.linear(x, w, b)
+    geometry = dict(geometry)
+    if geometry.pop("transposed", False):
+        conv = F.conv_transpose2d if w.dim() == 4 else F.conv_transpose1d
+        return conv(x, w, b, geometry["stride"], geometry["padding"], geometry.get("output_padding", 0),
+                    geometry["groups"], geometry["dilation"])
     conv = F.conv2d if w.dim() == 4 else F.conv1d
     return conv(x, w, b, **geometry)
 

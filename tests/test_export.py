@@ -120,6 +120,27 @@ def test_onnx_asymmetric_per_tensor_uses_uint4(small_asymmetric, tmp_path):
     np.testing.assert_allclose(run_onnx(path, x, optimize=False), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("opset", [21, 20])
+def test_onnx_transposed_convolution(tmp_path, opset):
+    """A ConvTranspose2d with its per-channel weight grid on axis 1 becomes ConvTranspose <- DQ(axis=1)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1), nn.ReLU()).eval()
+    config = ae.QuantConfig(weight_bits=4, activation_bits=8, **dict(SHORT, batch_size=8))
+    q = ae.quantize(model, torch.randn(64, 6, 5, 5), config)
+    path = tmp_path / "up.onnx"
+    x = torch.randn(16, 6, 5, 5)
+    export_onnx(q, x[:2], str(path), opset=opset)
+    proto = onnx.load(str(path))
+    [node] = [n for n in proto.graph.node if n.op_type == "ConvTranspose"]
+    [dq] = [n for n in proto.graph.node if node.input[1] in n.output]
+    assert dq.op_type == "DequantizeLinear" and {a.name: a.i for a in dq.attribute}.get("axis") == 1
+    np.testing.assert_array_equal(onnx_weight_codes(str(path))["0"], q[0].codes.numpy().astype(np.int32))
+    with torch.no_grad():
+        expected = q(x).numpy()
+    np.testing.assert_allclose(run_onnx(path, x, optimize=False), expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
+
+
 def test_onnx_bad_input(small_asymmetric, tmp_path):
     model, x = small_asymmetric
     with pytest.raises(ValueError, match="directory"):

@@ -16,7 +16,9 @@ def run(w, b, scale, zp, n, p, axis, inputs, targets, geometry=None, **options):
     return ops.optimize_layer(
         w, b, scale, zp, n, p, axis, inputs, targets,
         list(geometry.get("stride", [1])), list(geometry.get("padding", [0])),
-        list(geometry.get("dilation", [1])), geometry.get("groups", 1), **options)
+        list(geometry.get("dilation", [1])), geometry.get("groups", 1),
+        transposed=geometry.get("transposed", False), output_padding=list(geometry.get("output_padding", [0])),
+        **options)
 
 
 def conv_case(device, activation, seed=0):
@@ -60,8 +62,23 @@ def small_map_case(device, activation, seed=0):
     return w, b, scale, None, -8, 7, 0, x_hat, targets, geometry
 
 
+def transposed_case(device, activation, seed=0):
+    """A strided, grouped ConvTranspose2d with output_padding: weight [in, out / groups, kh, kw], the
+    per-channel grid on axis 1 (its output channels)."""
+    g = torch.Generator().manual_seed(seed)
+    geometry = dict(stride=[2, 1], padding=[1, 0], dilation=[1, 1], groups=2, transposed=True,
+                    output_padding=[1, 0])
+    w = (torch.randn(6, 4, 3, 2, generator=g) * 0.3).to(device)
+    b = (torch.randn(8, generator=g) * 0.1).to(device)
+    x = torch.randn(48, 6, 5, 4, generator=g).to(device)
+    x_hat = x + 0.05 * torch.randn(x.shape, generator=g).to(device)
+    targets = ref.ACTIVATIONS[activation](ref.layer_forward(x, w, b, geometry))
+    scale = w.abs().amax(dim=(0, 2, 3)) / 7.4
+    return w, b, scale, None, -8, 7, 1, x_hat, targets, geometry
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", [conv_case, linear_case, small_map_case])
+@pytest.mark.parametrize("case", [conv_case, linear_case, small_map_case, transposed_case])
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
     w, b, scale, zp, n, p, axis, x, t, geometry = (
@@ -86,7 +103,7 @@ def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
         assert ((v - ref_v).abs() < 1e-3).float().mean() > 0.95
 
 
-@pytest.mark.parametrize("case", [conv_case, small_map_case])
+@pytest.mark.parametrize("case", [conv_case, small_map_case, transposed_case])
 def test_long_run_with_frozen_weights_matches_plain_pytorch(device, case):
     """Past the first repack (every 200 iterations) the CPU steps only the weights whose V is not yet
     saturated with momentum pointing out. In float64 everything else must still follow the plain loop:
@@ -228,6 +245,12 @@ def _good():
         ({}, dict(mode="exact", activation="relu"), "mode='exact' needs activation='none'"),
         ({}, dict(mode="fast"), "mode must be one of"),
         ({}, dict(schedule="step"), "schedule must be cosine or linear"),
+        (dict(geometry=dict(output_padding=[1])), {}, "output_padding applies to transposed convolutions only"),
+        (dict(geometry=dict(transposed=True)), {}, "inputs have 3 channels but weight of shape"),
+        (dict(inputs=torch.randn(16, 4, 5, 5), geometry=dict(transposed=True, output_padding=[1])), {},
+         "output_padding must be >= 0 and smaller than stride or dilation"),
+        (dict(inputs=torch.randn(16, 4, 5, 5), targets=torch.randn(16, 3, 7, 7), geometry=dict(transposed=True)),
+         dict(mode="exact"), "mode='exact' is not available for transposed convolutions"),
     ],
 )
 def test_bad_input(change, options, match):
@@ -255,6 +278,9 @@ def test_linear_rejects_conv_arguments():
     x = torch.randn(8, 3)
     with pytest.raises(RuntimeError, match="apply to convolutions only"):
         run(w, None, torch.ones(4), None, -8, 7, 0, x, F.linear(x, w), dict(stride=[2]), iterations=2, batch_size=2)
+    with pytest.raises(RuntimeError, match="transposed applies to convolutions only"):
+        run(w, None, torch.ones(4), None, -8, 7, 0, x, F.linear(x, w), dict(transposed=True), iterations=2,
+            batch_size=2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

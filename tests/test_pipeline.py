@@ -137,40 +137,68 @@ def test_empty_calibration_data(trained):
 
 def test_model_without_quantizable_layers():
     model = nn.Sequential(nn.ReLU(), nn.Flatten())
-    with pytest.raises(ValueError, match="no Conv1d, Conv2d or Linear layer"):
+    with pytest.raises(ValueError, match="no Linear, Conv1d/2d or ConvTranspose1d/2d layer"):
         ae.quantize(model, torch.randn(4, 3, 8, 8), ae.QuantConfig(**FAST))
 
 
 class Decoder(nn.Module):
-    """Convolutions with string padding and a transposed convolution quantize() leaves in float."""
+    """String padding, a transposed convolution with BatchNorm, and a Conv3d that stays in float."""
 
     def __init__(self):
         super().__init__()
         self.same = nn.Conv2d(3, 8, 3, padding="same", dilation=2)
         self.valid = nn.Conv2d(8, 8, 3, padding="valid")
-        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.up = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, bias=False)
+        self.up_bn = nn.BatchNorm2d(6)
+        self.volume = nn.Conv3d(6, 4, 1)
 
     def forward(self, x):
-        return self.up(torch.relu(self.valid(torch.relu(self.same(x)))))
+        x = torch.relu(self.valid(torch.relu(self.same(x))))
+        x = torch.relu(self.up_bn(self.up(x)))
+        return self.volume(x.unsqueeze(2)).squeeze(2)
 
 
-def test_string_padding_and_layers_kept_in_float():
+@pytest.fixture(scope="module")
+def decoder():
     torch.manual_seed(0)
     model = Decoder().eval()
-    x = torch.randn(32, 3, 10, 10)
-    q = ae.quantize(model, x, ae.QuantConfig(weight_bits=4, activation_bits=None, **dict(FAST, num_samples=32,
-                                                                                          iterations=20)))
-    assert q.adaround_report.kept_float == ["up (ConvTranspose2d)"]
-    assert "kept in floating point (unsupported type): up (ConvTranspose2d)" in q.adaround_report.table()
-    assert isinstance(q.up, nn.ConvTranspose2d) and torch.equal(q.up.weight, model.up.weight)
-    # The quantized layers compute what PyTorch's own padding modes give with the dequantized weights.
-    for name, padding in (("same", "same"), ("valid", "valid")):
-        layer, original = q.get_submodule(name), model.get_submodule(name)
-        inputs = torch.randn(2, original.in_channels, 10, 10)
-        expected = F.conv2d(inputs, layer.dequantized_weight(), original.bias, padding=padding,
-                            dilation=original.dilation)
-        torch.testing.assert_close(layer(inputs), expected)
-    assert q(x).shape == model(x).shape
+    model.up_bn.running_mean.uniform_(-0.5, 0.5)
+    model.up_bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(64, 3, 10, 10)
+    config = ae.QuantConfig(weight_bits=4, activation_bits=8, **dict(FAST, num_samples=64, iterations=100))
+    return model, x, ae.quantize(model, x, config)
+
+
+def test_transposed_conv_string_padding_and_layers_kept_in_float(decoder, tmp_path):
+    model, x, q = decoder
+    report = q.adaround_report
+    assert report.kept_float == ["volume (Conv3d)"]
+    assert "kept in floating point (unsupported type): volume (Conv3d)" in report.table()
+    assert isinstance(q.volume, nn.Conv3d) and torch.equal(q.volume.weight, model.volume.weight)
+    # The transposed layer: BatchNorm folded in, per-channel grid on its output channels (axis 1).
+    assert q.adaround_folded_batchnorm == ["up_bn"]
+    up = q.up
+    assert up.kind == "conv_transpose2d" and up.axis == 1 and tuple(up.scale.shape) == (6,)
+    assert up.codes.shape == model.up.weight.shape and up.codes.min() >= -8 and up.codes.max() <= 7
+    [up_report] = [r for r in report.layers if r.name == "up"]
+    assert up_report.adaround_error < up_report.nearest_error
+    # Each quantized layer computes what PyTorch's own op gives with the dequantized weight.
+    inputs = {"same": torch.randn(2, 3, 10, 10), "valid": torch.randn(2, 8, 10, 10), "up": torch.randn(2, 8, 8, 8)}
+    expected = {
+        "same": lambda l, t: F.conv2d(t, l.dequantized_weight(), l.bias, padding="same", dilation=2),
+        "valid": lambda l, t: F.conv2d(t, l.dequantized_weight(), l.bias, padding="valid"),
+        "up": lambda l, t: F.conv_transpose2d(t, l.dequantized_weight(), l.bias, stride=2, padding=1,
+                                              output_padding=1),
+    }
+    for name, reference in expected.items():
+        layer = q.get_submodule(name)
+        layer_input = layer.input_quantizer(inputs[name])
+        torch.testing.assert_close(layer(inputs[name]), reference(layer, layer_input))
+    assert q(x).shape == model(x).shape == (64, 4, 16, 16)
+    # The saved model reloads into a fresh Decoder with the same outputs.
+    path = tmp_path / "decoder.pt"
+    ae.save_quantized(q, str(path))
+    assert torch.equal(ae.load_quantized(Decoder(), str(path))(x), q(x))
 
 
 def test_uneven_same_padding_is_an_error():

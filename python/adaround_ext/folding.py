@@ -8,7 +8,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .modules import set_submodule
 
-_CONVS = (nn.Conv1d, nn.Conv2d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -35,6 +35,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     for conv_name, bn_name in conv_bn_pairs(model):
         conv = model.get_submodule(conv_name)
         bn = model.get_submodule(bn_name)
-        set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn))
+        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+        set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn, transpose=transposed))
         set_submodule(model, bn_name, nn.Identity())
     return model

@@ -27,8 +27,10 @@ def optimize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], scale: to
                    zero_point: Optional[torch.Tensor], quant_min: int, quant_max: int, axis: Optional[int],
                    inputs: torch.Tensor, targets: torch.Tensor, stride: Sequence[int] = (1,),
                    padding: Sequence[int] = (0,), dilation: Sequence[int] = (1,), groups: int = 1,
+                   transposed: bool = False, output_padding: Sequence[int] = (0,),
                    progress: Optional[str] = None, **options) -> LayerResult:
-    """Learns the rounding of one Linear/Conv1d/Conv2d layer; see csrc/optimize_layer.h.
+    """Learns the rounding of one Linear, Conv1d/2d or ConvTranspose1d/2d (transposed: weight
+    [in, out / groups, ...]) layer; see csrc/optimize_layer.h.
 
     options: iterations, batch_size, lr, reg_lambda, beta_start, beta_end, warm_start, schedule,
     activation, mode, seed, log_every, allow_tf32, cuda_graph (SPEC defaults when omitted).
@@ -41,7 +43,7 @@ def optimize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], scale: to
         out = torch.ops.adaround.optimize_layer(
             weight.detach(), as_device(bias), as_device(scale), as_device(zero_point), int(quant_min),
             int(quant_max), axis, inputs, targets, list(stride), list(padding), list(dilation), int(groups),
-            **options)
+            transposed=bool(transposed), output_padding=list(output_padding), **options)
     return LayerResult(*out)
 
 

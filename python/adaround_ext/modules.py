@@ -27,7 +27,7 @@ class ActivationQuantizer(nn.Module):
 
 
 class QuantizedLayer(nn.Module):
-    """A Linear, Conv1d or Conv2d whose weight is stored as integer codes.
+    """A Linear, Conv1d/2d or ConvTranspose1d/2d whose weight is stored as integer codes.
 
     weight = scale * (codes - zero_point), broadcast along `axis` (None: one scale for the tensor).
     An optional input quantizer simulates the quantized activation that feeds the layer.
@@ -35,10 +35,10 @@ class QuantizedLayer(nn.Module):
 
     def __init__(self, kind: str, codes: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
                  quant_min: int, quant_max: int, axis: Optional[int], bias: Optional[torch.Tensor],
-                 stride=(1,), padding=(0,), dilation=(1,), groups: int = 1):
+                 stride=(1,), padding=(0,), dilation=(1,), groups: int = 1, output_padding=(0,)):
         super().__init__()
-        if kind not in ("linear", "conv1d", "conv2d"):
-            raise ValueError(f"kind must be linear, conv1d or conv2d, got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
         self.kind = kind
         self.register_buffer("codes", codes.detach().clone())
         self.register_buffer("scale", scale.detach().float().clone())
@@ -47,7 +47,7 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.quant_min, self.quant_max, self.axis = int(quant_min), int(quant_max), axis
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
-        self.groups = int(groups)
+        self.groups, self.output_padding = int(groups), tuple(output_padding)
         self.input_quantizer: Optional[ActivationQuantizer] = None
 
     @property
@@ -80,6 +80,9 @@ def apply_layer(layer, x, w, bias):
     QuantizedLayer and the ONNX export view."""
     if layer.kind == "linear":
         return F.linear(x, w, bias)
+    if layer.kind.startswith("conv_transpose"):
+        conv = F.conv_transpose2d if layer.kind == "conv_transpose2d" else F.conv_transpose1d
+        return conv(x, w, bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
     conv = F.conv2d if layer.kind == "conv2d" else F.conv1d
     return conv(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
@@ -99,14 +102,25 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+_KIND_OF_TYPE = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Conv1d: "conv1d",
+                 nn.ConvTranspose2d: "conv_transpose2d", nn.ConvTranspose1d: "conv_transpose1d"}
+KINDS = tuple(_KIND_OF_TYPE.values())
+
+
 def layer_kind(module: nn.Module) -> Optional[str]:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, nn.Conv1d):
-        return "conv1d"
+    for cls, kind in _KIND_OF_TYPE.items():
+        if isinstance(module, cls):
+            return kind
     return None
+
+
+def is_transposed(kind: str) -> bool:
+    return kind.startswith("conv_transpose")
+
+
+def channel_axis(kind: str) -> int:
+    """The weight axis of the output channels: ConvTranspose weights are [in, out / groups, ...]."""
+    return 1 if is_transposed(kind) else 0
 
 
 def unsupported_weight_layer(module: nn.Module) -> bool:
@@ -134,5 +148,8 @@ def geometry(module: nn.Module) -> dict:
         return dict(stride=(1,), padding=(0,), dilation=(1,), groups=1)
     if module.padding_mode != "zeros":
         raise ValueError(f"padding_mode={module.padding_mode!r} is not supported; only zeros")
-    return dict(stride=tuple(module.stride), padding=explicit_padding(module), dilation=tuple(module.dilation),
-                groups=module.groups)
+    geo = dict(stride=tuple(module.stride), padding=explicit_padding(module), dilation=tuple(module.dilation),
+               groups=module.groups)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        geo["output_padding"] = tuple(module.output_padding)
+    return geo

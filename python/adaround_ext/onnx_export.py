@@ -50,6 +50,7 @@ class _QDQLayer(nn.Module):
         self.tensor_grid = (layer.scale.reshape(-1)[0].item(), int(zero_point.reshape(-1)[0].item()))
         self.register_buffer("bias", layer.bias)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+        self.output_padding = layer.output_padding
         self.act = None
         q = layer.input_quantizer
         if q is not None:

@@ -19,8 +19,8 @@ from .checkpoint import Checkpoint, fingerprint
 from .config import QuantConfig
 from .folding import conv_bn_pairs, fold_batchnorm
 from .layer import optimize_layer
-from .modules import (ActivationQuantizer, QuantizedLayer, geometry, layer_kind, set_submodule,
-                      unsupported_weight_layer)
+from .modules import (ActivationQuantizer, QuantizedLayer, channel_axis, geometry, is_transposed, layer_kind,
+                      set_submodule, unsupported_weight_layer)
 from .report import LayerReport, QuantizationReport
 from .scales import init_activation_grid, init_weight_grid
 
@@ -241,7 +241,7 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
     except Exception as exc:
         raise ValueError(f"calibration samples of shape {tuple(samples.shape[1:])} do not fit the model: {exc}") from exc
     if not layers:
-        raise ValueError("the model has no Conv1d, Conv2d or Linear layer to quantize")
+        raise ValueError("the model has no Linear, Conv1d/2d or ConvTranspose1d/2d layer to quantize")
     report.kept_float = [f"{name} ({type(m).__name__})" for name, m in fp_model.named_modules()
                          if unsupported_weight_layer(m)]
     if report.kept_float:
@@ -300,7 +300,7 @@ def _progress(layers, config):
 def _quantize_layer(q_model, fp_model, name, module, kind, bits, index, samples, activations, config, device):
     weight = module.weight.detach()
     scale, zero_point, n, p, axis = init_weight_grid(weight, bits, config.per_channel, config.symmetric,
-                                                     config.scale_method)
+                                                     config.scale_method, channel_axis=channel_axis(kind))
     activation = activations.get(name, "none") if config.loss_activation == "auto" else config.loss_activation
     report = LayerReport(name=name, kind=kind, shape=tuple(weight.shape), bits=bits, loss_activation=activation)
     seed = config.seed * 1000 + index
@@ -314,7 +314,7 @@ def _quantize_layer(q_model, fp_model, name, module, kind, bits, index, samples,
                  ", streamed to the GPU per minibatch" if inputs.device != device else "")
         t_opt = time.perf_counter()
         result = optimize_layer(weight, module.bias, scale, zero_point, n, p, axis, inputs, targets,
-                                **geometry(module), iterations=config.iterations, batch_size=config.batch_size,
+                                **geometry(module), transposed=is_transposed(kind), iterations=config.iterations, batch_size=config.batch_size,
                                 lr=config.lr, reg_lambda=config.reg_lambda, beta_start=config.beta_start,
                                 beta_end=config.beta_end, warm_start=config.warm_start, schedule=config.schedule,
                                 activation=activation, mode=config.mode, seed=seed, cuda_graph=config.cuda_graph,

@@ -11,8 +11,8 @@ from ._ops import hard_quantize, quant_range
 MSE_RATIOS = torch.linspace(0.3, 1.0, 71).tolist()
 
 
-def _reduce_dims(weight: torch.Tensor, per_channel: bool):
-    return tuple(range(1, weight.dim())) if per_channel else tuple(range(weight.dim()))
+def _reduce_dims(weight: torch.Tensor, axis: Optional[int]):
+    return tuple(d for d in range(weight.dim()) if d != axis)
 
 
 def _grid_for_range(lo, hi, bits: int, symmetric: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -28,13 +28,15 @@ def _grid_for_range(lo, hi, bits: int, symmetric: bool) -> Tuple[torch.Tensor, O
     return scale, zero_point
 
 
-def init_weight_grid(weight: torch.Tensor, bits: int, per_channel: bool, symmetric: bool, method: str):
-    """Returns (scale, zero_point or None, quant_min, quant_max, axis) for the weight."""
+def init_weight_grid(weight: torch.Tensor, bits: int, per_channel: bool, symmetric: bool, method: str,
+                     channel_axis: int = 0):
+    """Returns (scale, zero_point or None, quant_min, quant_max, axis) for the weight; per-channel grids
+    lie along `channel_axis` (the output channels: 0, or 1 for a transposed convolution)."""
     n, p = quant_range(bits, symmetric)
     w = weight.detach().float()
-    dims = _reduce_dims(w, per_channel)
+    axis = channel_axis if per_channel else None
+    dims = _reduce_dims(w, axis)
     lo, hi = w.amin(dim=dims), w.amax(dim=dims)
-    axis = 0 if per_channel else None
     if method == "minmax":
         scale, zp = _grid_for_range(lo, hi, bits, symmetric)
         return scale, zp, n, p, axis

@@ -15,7 +15,7 @@ def _layer_state(m: QuantizedLayer) -> dict:
     state = dict(kind=m.kind, codes=m.codes.cpu(), scale=m.scale.cpu(), zero_point=m.zero_point.cpu(),
                  quant_min=m.quant_min, quant_max=m.quant_max, axis=m.axis,
                  bias=None if m.bias is None else m.bias.cpu(), stride=m.stride, padding=m.padding,
-                 dilation=m.dilation, groups=m.groups, input_quantizer=None)
+                 dilation=m.dilation, groups=m.groups, output_padding=m.output_padding, input_quantizer=None)
     if m.input_quantizer is not None:
         q = m.input_quantizer
         state["input_quantizer"] = (q.scale.item(), int(q.zero_point.item()), q.quant_min, q.quant_max)

@@ -101,6 +101,33 @@ TEST(OptimizeLayer, BetaScheduleEndpoints) {
   EXPECT_NEAR(adaround::beta_at(opt, 400), 15.5, 1e-9);
 }
 
+// A strided ConvTranspose2d (weight [in, out, kh, kw]) with its per-channel grid on the output
+// channels, axis 1: learned with the axes swapped so that frozen weights can be packed out.
+TEST(OptimizeLayer, TransposedConvolutionLearnsAndPacks) {
+  torch::manual_seed(1);
+  const auto weight = torch::randn({6, 4, 3, 3}) * 0.3;
+  const auto inputs = torch::randn({96, 6, 5, 5}) * 0.5;
+  const auto targets = torch::relu(torch::conv_transpose2d(inputs, weight, {}, 2, 1, 1));
+  const auto scale = std::get<0>(weight.abs().transpose(0, 1).flatten(1).max(1)) / 3;
+  const adaround::LayerGeometry up{{2}, {1}, {1}, 1, /*transposed=*/true, /*output_padding=*/{1}};
+  adaround::OptimizeOptions opt = full_schedule();
+  auto run = [&](bool pack) {
+    opt.pack_frozen = pack;
+    return adaround::optimize_layer(weight, std::nullopt, adaround::LayerGrid{scale, std::nullopt, -4, 3, 1}, inputs,
+                                    targets, up, opt);
+  };
+  const auto packed = run(true);
+  const auto full = run(false);
+  EXPECT_LT(packed.adaround_error, packed.nearest_error);
+  EXPECT_LT(packed.undecided_fraction, 0.01);
+  EXPECT_TRUE(torch::equal(packed.codes, full.codes));
+  EXPECT_TRUE((full.v.abs() > packed.v.abs()).any().item<bool>());  // some V were packed out
+  EXPECT_TRUE(torch::allclose(packed.quantized_weight, packed.codes.to(torch::kFloat) * scale.view({1, 4, 1, 1})));
+  opt.mode = "exact";
+  opt.activation = "none";
+  EXPECT_THROW(run(true), c10::Error);  // no Gram form for a transposed convolution
+}
+
 TEST(OptimizeLayer, RejectsBadInput) {
   const auto c = make_case();
   const adaround::LayerGrid grid{c.scale, std::nullopt, -4, 3, 0};

@@ -17,6 +17,6 @@ export PYTHONPATH=$PWD/python
 timeout 200 python -m pytest -q -x tests/test_ops.py tests/test_optimize_layer.py -k "(cuda and not cpu) or streamed" \
   tests/test_pipeline.py::test_caches_in_pinned_host_memory_are_streamed 2>&1 | tail -15
 cd benchmarks
-timeout 60 python bench_ops.py --device cuda
+timeout 90 python bench_ops.py --device cuda
 timeout 150 python bench_optimize_layer.py --device cuda --imagenet --iterations 300
 timeout 60 python bench_optimize_layer.py --device cuda --iterations 300 --layers layer1.0.conv1,layer4.0.conv2

@@ -168,6 +168,24 @@ def _sample_args(device):
     return w, v, scale, zp, n, p
 
 
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+def test_reconstruction_grad_matches_formula_in_any_layout(device, activation):
+    """d/dpre of norm * sum((f(pre) - target)^2), by autograd; channels-last pairs keep their layout."""
+    g = torch.Generator().manual_seed(5)
+    pre = (torch.randn(4, 6, 5, 3, generator=g) * 4).to(device)
+    target = torch.relu(torch.randn(4, 6, 5, 3, generator=g) * 4).to(device)
+    f = {"none": lambda x: x, "relu": torch.relu, "relu6": torch.nn.functional.relu6}[activation]
+    leaf = pre.clone().requires_grad_(True)
+    (0.25 * (f(leaf) - target).pow(2).sum()).backward()
+    cl = torch.channels_last
+    for p, t in ((pre, target), (pre.contiguous(memory_format=cl), target.contiguous(memory_format=cl)),
+                 (pre.contiguous(memory_format=cl), target)):
+        grad = ops.reconstruction_grad(p, t, activation, 0.25)
+        torch.testing.assert_close(grad, leaf.grad)
+        if p.stride() == t.stride():
+            assert grad.stride() == p.stride()
+
+
 def test_opcheck_all_ops(device):
     w, v, scale, zp, n, p = _sample_args(device)
     vg = v.clone().requires_grad_(True)

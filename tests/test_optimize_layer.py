@@ -62,6 +62,20 @@ def small_map_case(device, activation, seed=0):
     return w, b, scale, None, -8, 7, 0, x_hat, targets, geometry
 
 
+def wide_conv_case(device, activation, seed=0):
+    """16 input channels on 8x8 maps: on the CPU in float32 the loop runs on channels-last copies of
+    the caches (kChannelsLastMinChannels in csrc/optimize_layer.cpp)."""
+    g = torch.Generator().manual_seed(seed)
+    geometry = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
+    w = (torch.randn(8, 16, 3, 3, generator=g) * 0.15).to(device)
+    b = (torch.randn(8, generator=g) * 0.1).to(device)
+    x = torch.randn(40, 16, 8, 8, generator=g).to(device)
+    x_hat = x + 0.05 * torch.randn(x.shape, generator=g).to(device)
+    targets = ref.ACTIVATIONS[activation](ref.layer_forward(x, w, b, geometry))
+    scale = w.abs().amax(dim=(1, 2, 3)) / 7.4
+    return w, b, scale, None, -8, 7, 0, x_hat, targets, geometry
+
+
 def transposed_case(device, activation, seed=0):
     """A strided, grouped ConvTranspose2d with output_padding: weight [in, out / groups, kh, kw], the
     per-channel grid on axis 1 (its output channels)."""
@@ -78,7 +92,7 @@ def transposed_case(device, activation, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", [conv_case, linear_case, small_map_case, transposed_case])
+@pytest.mark.parametrize("case", [conv_case, linear_case, small_map_case, transposed_case, wide_conv_case])
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
     w, b, scale, zp, n, p, axis, x, t, geometry = (

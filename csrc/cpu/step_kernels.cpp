@@ -18,8 +18,11 @@ Tensor reconstruction_grad_cpu(const Tensor& pre, const Tensor& target, c10::str
                                double norm) {
   const Activation act = parse_activation(std::string(activation));
   check_reconstruction_args(pre, target);
-  const Tensor p = pre.contiguous();
-  const Tensor t = target.contiguous();
+  // Elementwise: two dense tensors with the same strides (e.g. both channels-last) are walked in
+  // memory order as they are, and the gradient gets their layout.
+  const bool same_layout = pre.is_non_overlapping_and_dense() && pre.strides() == target.strides();
+  const Tensor p = same_layout ? pre : pre.contiguous();
+  const Tensor t = same_layout ? target : target.contiguous();
   Tensor grad = at::empty_like(p);
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "reconstruction_grad_cpu", [&] {
     const scalar_t* p_ptr = p.const_data_ptr<scalar_t>();

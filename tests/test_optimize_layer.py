@@ -21,18 +21,25 @@ def run(w, b, scale, zp, n, p, axis, inputs, targets, geometry=None, **options):
         **options)
 
 
-def conv_case(device, activation, seed=0):
+def make_conv_case(device, activation, weight_shape, weight_std, input_shape, geometry, axis=0, seed=0):
+    """A conv layer with per-channel 4-bit grid on `axis`, its cache (x^ = x + noise: "partly
+    quantized" inputs) and targets f_a(conv(x))."""
     g = torch.Generator().manual_seed(seed)
-    geometry = dict(stride=[2, 1], padding=[1, 1], dilation=[1, 1], groups=2)
-    w = (torch.randn(8, 3, 3, 3, generator=g) * 0.3).to(device)
-    b = (torch.randn(8, generator=g) * 0.1).to(device)
-    x = torch.randn(64, 6, 9, 7, generator=g).to(device)
-    x_hat = x + 0.05 * torch.randn(x.shape, generator=g).to(device)  # "partly quantized" inputs
+    w = (torch.randn(weight_shape, generator=g) * weight_std).to(device)
+    out_channels = weight_shape[1] * geometry["groups"] if geometry.get("transposed") else weight_shape[0]
+    b = (torch.randn(out_channels, generator=g) * 0.1).to(device)
+    x = torch.randn(input_shape, generator=g).to(device)
+    x_hat = x + 0.05 * torch.randn(x.shape, generator=g).to(device)
     targets = ref.ACTIVATIONS[activation](ref.layer_forward(x, w, b, geometry))
     # Not amax / 7: an element exactly on a grid point sits where h(V) = 0 is a clip boundary, and
     # one ulp decides whether its gradient is zero (Adam then moves it by lr or not at all).
-    scale = w.abs().amax(dim=(1, 2, 3)) / 7.4
-    return w, b, scale, None, -8, 7, 0, x_hat, targets, geometry
+    scale = w.abs().amax(dim=tuple(d for d in range(w.dim()) if d != axis)) / 7.4
+    return w, b, scale, None, -8, 7, axis, x_hat, targets, geometry
+
+
+def conv_case(device, activation, seed=0):
+    geometry = dict(stride=[2, 1], padding=[1, 1], dilation=[1, 1], groups=2)
+    return make_conv_case(device, activation, (8, 3, 3, 3), 0.3, (64, 6, 9, 7), geometry, seed=seed)
 
 
 def linear_case(device, activation, seed=0):
@@ -51,44 +58,23 @@ def linear_case(device, activation, seed=0):
 def small_map_case(device, activation, seed=0):
     """A 3x3 stride-2 conv on 2x2 maps (ResNet layer4 at 32x32 inputs): one output position, and 5
     of the 9 taps only ever see padding. On the CPU this runs the unfolded-GEMM path."""
-    g = torch.Generator().manual_seed(seed)
     geometry = dict(stride=[2, 2], padding=[1, 1], dilation=[1, 1], groups=1)
-    w = (torch.randn(6, 4, 3, 3, generator=g) * 0.3).to(device)
-    b = (torch.randn(6, generator=g) * 0.1).to(device)
-    x = torch.randn(40, 4, 2, 2, generator=g).to(device)
-    x_hat = x + 0.05 * torch.randn(x.shape, generator=g).to(device)
-    targets = ref.ACTIVATIONS[activation](ref.layer_forward(x, w, b, geometry))
-    scale = w.abs().amax(dim=(1, 2, 3)) / 7.4
-    return w, b, scale, None, -8, 7, 0, x_hat, targets, geometry
+    return make_conv_case(device, activation, (6, 4, 3, 3), 0.3, (40, 4, 2, 2), geometry, seed=seed)
 
 
 def wide_conv_case(device, activation, seed=0):
     """16 input channels on 8x8 maps: on the CPU in float32 the loop runs on channels-last copies of
     the caches (kChannelsLastMinChannels in csrc/optimize_layer.cpp)."""
-    g = torch.Generator().manual_seed(seed)
     geometry = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
-    w = (torch.randn(8, 16, 3, 3, generator=g) * 0.15).to(device)
-    b = (torch.randn(8, generator=g) * 0.1).to(device)
-    x = torch.randn(40, 16, 8, 8, generator=g).to(device)
-    x_hat = x + 0.05 * torch.randn(x.shape, generator=g).to(device)
-    targets = ref.ACTIVATIONS[activation](ref.layer_forward(x, w, b, geometry))
-    scale = w.abs().amax(dim=(1, 2, 3)) / 7.4
-    return w, b, scale, None, -8, 7, 0, x_hat, targets, geometry
+    return make_conv_case(device, activation, (8, 16, 3, 3), 0.15, (40, 16, 8, 8), geometry, seed=seed)
 
 
 def transposed_case(device, activation, seed=0):
     """A strided, grouped ConvTranspose2d with output_padding: weight [in, out / groups, kh, kw], the
     per-channel grid on axis 1 (its output channels)."""
-    g = torch.Generator().manual_seed(seed)
     geometry = dict(stride=[2, 1], padding=[1, 0], dilation=[1, 1], groups=2, transposed=True,
                     output_padding=[1, 0])
-    w = (torch.randn(6, 4, 3, 2, generator=g) * 0.3).to(device)
-    b = (torch.randn(8, generator=g) * 0.1).to(device)
-    x = torch.randn(48, 6, 5, 4, generator=g).to(device)
-    x_hat = x + 0.05 * torch.randn(x.shape, generator=g).to(device)
-    targets = ref.ACTIVATIONS[activation](ref.layer_forward(x, w, b, geometry))
-    scale = w.abs().amax(dim=(0, 2, 3)) / 7.4
-    return w, b, scale, None, -8, 7, 1, x_hat, targets, geometry
+    return make_conv_case(device, activation, (6, 4, 3, 2), 0.3, (48, 6, 5, 4), geometry, axis=1, seed=seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -204,7 +204,8 @@ def test_transposed_conv_string_padding_and_layers_kept_in_float(decoder, tmp_pa
 def test_uneven_same_padding_is_an_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 4, padding="same")).eval()
     with pytest.raises(ValueError, match="padding='same' with kernel \\(4, 4\\)"):
-        ae.quantize(model, torch.randn(4, 3, 8, 8), ae.QuantConfig(**dict(FAST, num_samples=4, iterations=2)))
+        ae.quantize(model, torch.randn(4, 3, 8, 8),
+                    ae.QuantConfig(**dict(FAST, num_samples=4, iterations=2, batch_size=2)))
 
 
 @pytest.mark.parametrize("field,value", [("weight_bits", 1), ("weight_bits", 9), ("activation_bits", 16),
@@ -212,6 +213,11 @@ def test_uneven_same_padding_is_an_error():
 def test_bits_out_of_range(field, value):
     with pytest.raises(ValueError, match=f"{field} must be an integer from 2 to 8"):
         ae.QuantConfig(**{field: value})
+
+
+def test_batch_larger_than_the_calibration_set(trained):
+    with pytest.raises(ValueError, match="batch_size \\(32\\) is larger than the 16 calibration samples"):
+        ae.quantize(trained, torch.randn(16, 3, 32, 32), ae.QuantConfig(**dict(FAST, batch_size=32)))
 
 
 def test_calibration_batches_of_the_wrong_shape(trained):

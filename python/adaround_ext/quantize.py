@@ -242,6 +242,9 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
         raise ValueError(f"calibration samples of shape {tuple(samples.shape[1:])} do not fit the model: {exc}") from exc
     if not layers:
         raise ValueError("the model has no Linear, Conv1d/2d or ConvTranspose1d/2d layer to quantize")
+    if config.rounding == "adaround" and config.mode != "exact" and config.batch_size > len(samples):
+        raise ValueError(f"batch_size ({config.batch_size}) is larger than the {len(samples)} calibration samples; "
+                         f"pass more samples or lower QuantConfig.batch_size")
     report.kept_float = [f"{name} ({type(m).__name__})" for name, m in fp_model.named_modules()
                          if unsupported_weight_layer(m)]
     if report.kept_float:
@@ -314,7 +317,8 @@ def _quantize_layer(q_model, fp_model, name, module, kind, bits, index, samples,
                  ", streamed to the GPU per minibatch" if inputs.device != device else "")
         t_opt = time.perf_counter()
         result = optimize_layer(weight, module.bias, scale, zero_point, n, p, axis, inputs, targets,
-                                **geometry(module), transposed=is_transposed(kind), iterations=config.iterations, batch_size=config.batch_size,
+                                **geometry(module), transposed=is_transposed(kind), iterations=config.iterations,
+                                batch_size=config.batch_size,
                                 lr=config.lr, reg_lambda=config.reg_lambda, beta_start=config.beta_start,
                                 beta_end=config.beta_end, warm_start=config.warm_start, schedule=config.schedule,
                                 activation=activation, mode=config.mode, seed=seed, cuda_graph=config.cuda_graph,

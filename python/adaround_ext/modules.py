@@ -80,7 +80,7 @@ def apply_layer(layer, x, w, bias):
     QuantizedLayer and the ONNX export view."""
     if layer.kind == "linear":
         return F.linear(x, w, bias)
-    if layer.kind.startswith("conv_transpose"):
+    if is_transposed(layer.kind):
         conv = F.conv_transpose2d if layer.kind == "conv_transpose2d" else F.conv_transpose1d
         return conv(x, w, bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
     conv = F.conv2d if layer.kind == "conv2d" else F.conv1d
@@ -124,7 +124,7 @@ def channel_axis(kind: str) -> int:
 
 
 def unsupported_weight_layer(module: nn.Module) -> bool:
-    """A layer with weights that quantize() cannot learn the rounding of (ConvTranspose, Conv3d, ...)."""
+    """A layer with weights that quantize() cannot learn the rounding of (Conv3d, ConvTranspose3d, ...)."""
     weighted = isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.Embedding))
     return weighted and layer_kind(module) is None
 

@@ -32,7 +32,7 @@ class QuantizationReport:
     device: str = "cpu"
     config: dict = field(default_factory=dict)
     layers: List[LayerReport] = field(default_factory=list)
-    # Layers with weights of a type quantize() does not handle (e.g. "up (ConvTranspose2d)"): left in float.
+    # Layers with weights of a type quantize() does not handle (e.g. "head (Conv3d)"): left in float.
     kept_float: List[str] = field(default_factory=list)
     cache_seconds: float = 0.0
     optimize_seconds: float = 0.0

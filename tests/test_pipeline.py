@@ -248,7 +248,7 @@ def test_load_into_a_mismatched_model(w3_results, tmp_path):
 
 
 def test_cache_placement_choices():
-    from adaround_ext.quantize import cache_location
+    from adaround_ext.caching import cache_location
 
     with pytest.raises(ValueError, match="cache_placement"):
         ae.QuantConfig(cache_placement="gpu")

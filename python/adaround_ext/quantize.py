@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _C
+from .caching import make_layer_caches
 from ._ops import hard_quantize
 from .checkpoint import Checkpoint, fingerprint
 from .config import QuantConfig
@@ -27,10 +28,6 @@ from .scales import init_activation_grid, init_weight_grid
 log = logging.getLogger("adaround_ext")
 
 CalibrationData = Union[torch.Tensor, Iterable]
-
-
-class _StopForward(Exception):
-    pass
 
 
 def collect_samples(data: CalibrationData, limit: int) -> torch.Tensor:
@@ -120,66 +117,6 @@ def following_activations(model: nn.Module) -> dict:
     return result
 
 
-def _capture(model: nn.Module, name: str, x: torch.Tensor, want_input: bool) -> torch.Tensor:
-    """Runs `model` on x up to layer `name` and returns that layer's input or output."""
-    box = {}
-
-    def hook(module, args, output=None):
-        box["value"] = args[0] if want_input else output
-        raise _StopForward
-
-    module = model.get_submodule(name)
-    handle = module.register_forward_pre_hook(hook) if want_input else module.register_forward_hook(hook)
-    try:
-        model(x)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if "value" not in box:
-        raise RuntimeError(f"layer {name} was not called by the forward pass")
-    return box["value"]
-
-
-def cache_layer(q_model, fp_model, name, samples, activation, config, device, chunk=128):
-    """Cached (x^, f_a(W x + b)) for one layer: on `device`, or in pinned host memory (see
-    QuantConfig.cache_placement) from where optimize_layer streams minibatches to the GPU."""
-    act = {"none": lambda t: t, "relu": F.relu, "relu6": F.relu6}[activation]
-    source = q_model if config.asymmetric_reconstruction else fp_model
-    inputs = targets = None
-    with torch.no_grad():
-        for start in range(0, len(samples), chunk):
-            batch = samples[start:start + chunk].to(device)
-            x = _capture(source, name, batch, want_input=True)
-            y = act(_capture(fp_model, name, batch, want_input=False))
-            if inputs is None:
-                where = cache_location(config, device, len(samples) * (x[0].numel() + y[0].numel()) * 4)
-                inputs, targets = (_empty_cache(len(samples), t, where, device) for t in (x, y))
-            inputs[start:start + len(batch)].copy_(x, non_blocking=True)
-            targets[start:start + len(batch)].copy_(y, non_blocking=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the last device-to-host copies are done before the loop reads
-    return inputs, targets
-
-
-def cache_location(config, device, nbytes: int) -> str:
-    """ "device" or "pinned host" for caches of `nbytes` (host only with a CUDA device)."""
-    if device.type != "cuda" or config.cache_placement == "device":
-        return "device"
-    if config.cache_placement == "host":
-        return "pinned host"
-    free, _ = torch.cuda.mem_get_info(device)
-    return "device" if nbytes < 0.6 * free else "pinned host"  # room left for the loop's own buffers
-
-
-def _empty_cache(n, like, where, device):
-    if where == "device":
-        return torch.empty((n, *like.shape[1:]), dtype=like.dtype, device=device)
-    return torch.empty((n, *like.shape[1:]), dtype=like.dtype, pin_memory=True)
-
-
-
-
 def _rounded_up_fraction(weight, codes, scale, zero_point, axis):
     shape = [1] * weight.dim()
     if axis is not None:
@@ -253,6 +190,7 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
     ckpt = Checkpoint(checkpoint_dir, fingerprint(fp_model, samples, config)) if checkpoint_dir else None
 
     q_model = copy.deepcopy(fp_model)
+    caches = None  # built on the first layer that needs caches
     progress = _progress(layers, config)
     for index, name in enumerate(progress):
         module = fp_model.get_submodule(name)
@@ -262,8 +200,10 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
         if saved is not None:
             state, layer_report = saved["state"], LayerReport(**saved["report"])
         else:
-            state, layer_report = _quantize_layer(q_model, fp_model, name, module, kind, bits, index, samples,
-                                                  activations, config, device)
+            if caches is None and config.rounding == "adaround":
+                caches = make_layer_caches(q_model, fp_model, samples, config, device, layers)
+                report.cache_strategy = caches.strategy
+            state, layer_report = _quantize_layer(caches, name, module, kind, bits, index, activations, config)
             if ckpt:
                 ckpt.save(name, state, layer_report.to_dict())
         set_submodule(q_model, name, QuantizedLayer(kind, bias=module.bias, **state, **geometry(module)).to(device))
@@ -300,7 +240,7 @@ def _progress(layers, config):
     return tqdm(layers, desc=f"{config.rounding} W{config.weight_bits}", unit="layer")
 
 
-def _quantize_layer(q_model, fp_model, name, module, kind, bits, index, samples, activations, config, device):
+def _quantize_layer(caches, name, module, kind, bits, index, activations, config):
     weight = module.weight.detach()
     scale, zero_point, n, p, axis = init_weight_grid(weight, bits, config.per_channel, config.symmetric,
                                                      config.scale_method, channel_axis=channel_axis(kind))
@@ -309,8 +249,9 @@ def _quantize_layer(q_model, fp_model, name, module, kind, bits, index, samples,
     seed = config.seed * 1000 + index
     if config.rounding == "adaround":
         t_cache = time.perf_counter()
-        inputs, targets = cache_layer(q_model, fp_model, name, samples, activation, config, device)
+        inputs, targets = caches.build(name, activation)
         report.cache_seconds = time.perf_counter() - t_cache
+        device = caches.device
         report.cache_location = "pinned host" if inputs.device != device else str(device)
         log.info("layer %s: caches %s (%.1f MB)%s", name, report.cache_location,
                  (inputs.numel() + targets.numel()) * 4 / 2**20,

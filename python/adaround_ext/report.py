@@ -34,6 +34,7 @@ class QuantizationReport:
     layers: List[LayerReport] = field(default_factory=list)
     # Layers with weights of a type quantize() does not handle (e.g. "head (Conv3d)"): left in float.
     kept_float: List[str] = field(default_factory=list)
+    cache_strategy: str = ""  # "graph walk" or "prefix reruns" (see caching.py); "" without caches
     cache_seconds: float = 0.0
     optimize_seconds: float = 0.0
     calibrate_seconds: float = 0.0
@@ -51,7 +52,8 @@ class QuantizationReport:
         lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in (header, *rows)]
         if self.kept_float:
             lines.append("kept in floating point (unsupported type): " + ", ".join(self.kept_float))
-        lines.append(f"time: caching {self.cache_seconds:.1f} s, optimisation {self.optimize_seconds:.1f} s, "
+        strategy = f" ({self.cache_strategy})" if self.cache_strategy else ""
+        lines.append(f"time: caching {self.cache_seconds:.1f} s{strategy}, optimisation {self.optimize_seconds:.1f} s, "
                      f"activation calibration {self.calibrate_seconds:.1f} s, total {self.total_seconds:.1f} s "
                      f"on {self.device}")
         return "\n".join(lines)

@@ -46,13 +46,13 @@ def nearest_layer(module, bits=4):
                           bias=module.bias, **geometry(module))
 
 
-def assert_same_caches(model, samples, asymmetric):
-    layers = execution_order(model, samples[:2])
+def assert_same_caches(model, samples, asymmetric, device=CPU):
+    layers = execution_order(model, samples[:2].to(device))
     activations = following_activations(model)
     config = ae.QuantConfig(asymmetric_reconstruction=asymmetric, progress=False)
     q_prefix, q_walk = copy.deepcopy(model), copy.deepcopy(model)
-    prefix = PrefixCaches(q_prefix, model, samples, config, CPU)
-    walk = GraphWalkCaches(q_walk, model, samples, config, CPU, walkable_graph(model, layers))
+    prefix = PrefixCaches(q_prefix, model, samples, config, device)
+    walk = GraphWalkCaches(q_walk, model, samples, config, device, walkable_graph(model, layers))
     for name in layers:
         expected = prefix.build(name, activations.get(name, "none"))
         got = walk.build(name, activations.get(name, "none"))
@@ -60,7 +60,7 @@ def assert_same_caches(model, samples, asymmetric):
             assert torch.equal(e, g), name
         # The layer is finished: both partly quantized models now hold its rounded weights.
         for q in (q_prefix, q_walk):
-            set_submodule(q, name, nearest_layer(model.get_submodule(name)))
+            set_submodule(q, name, nearest_layer(model.get_submodule(name)).to(device))
     return layers
 
 
@@ -72,9 +72,10 @@ def test_walk_gives_the_prefix_caches_on_resnet18(trained, data):
 
 
 @pytest.mark.parametrize("asymmetric", [True, False])
-def test_walk_gives_the_prefix_caches_on_branches_and_in_place_ops(asymmetric):
+def test_walk_gives_the_prefix_caches_on_branches_and_in_place_ops(asymmetric, device):
     torch.manual_seed(0)
-    layers = assert_same_caches(Branchy().eval(), torch.randn(140, 3, 6, 6), asymmetric)
+    device = torch.device(device)
+    layers = assert_same_caches(Branchy().eval().to(device), torch.randn(140, 3, 6, 6), asymmetric, device)
     assert layers == ["conv_a", "conv_b", "conv_c", "fc"]
 
 

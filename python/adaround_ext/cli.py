@@ -75,7 +75,9 @@ def load_fashion_model(args, log):
     else:
         log(f"training {args.arch} on Fashion-MNIST for {args.train_epochs} epochs (no checkpoint at {path})")
         images, labels = testbed.fashion_mnist("train")
-        testbed.train(model, images, labels, epochs=args.train_epochs, log=log)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        testbed.train(model.to(device), images, labels, epochs=args.train_epochs, log=log)
+        model.cpu()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         torch.save(model.state_dict(), path)
         log(f"saved {path}")

@@ -49,7 +49,9 @@ def resnet(arch: str = "resnet18", num_classes: int = 10) -> nn.Module:
 
 def train(model: nn.Module, images, labels, epochs: int = 3, batch_size: int = 128, max_lr: float = 0.1,
           weight_decay: float = 5e-4, seed: int = 0, log=print) -> nn.Module:
-    """SGD with nesterov momentum, OneCycle schedule, random horizontal flips (SPEC section 4)."""
+    """SGD with nesterov momentum, OneCycle schedule, random horizontal flips (SPEC section 4). Trains
+    where the model's parameters are (the images may stay on the CPU)."""
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=max_lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
@@ -61,7 +63,8 @@ def train(model: nn.Module, images, labels, epochs: int = 3, batch_size: int = 1
         for idx in torch.randperm(len(images), generator=gen).split(batch_size):
             x, y = images[idx], labels[idx]
             flip = torch.rand(len(idx), generator=gen) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x).to(device)
+            y = y.to(device)
             out = model(x)
             loss = F.cross_entropy(out, y)
             opt.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
 """End to end on a Fashion-MNIST subset: quantize(), baselines, save/load, resume, bad input."""
 import copy
+import importlib
 import os
 
 import pytest
@@ -11,6 +12,7 @@ import adaround_ext as ae
 from adaround_ext import testbed
 from adaround_ext.folding import fold_batchnorm
 from adaround_ext.quantize import execution_order, following_activations
+from adaround_ext.scales import init_activation_grid
 
 FAST = dict(iterations=200, lr=1e-2, num_samples=256, progress=False, device="cpu")
 
@@ -71,6 +73,42 @@ def test_w4a8_stays_close_to_fp32(trained, data, fp32_accuracy):
     assert all(m.codes.dtype == torch.int8 and m.codes.min() >= -8 and m.codes.max() <= 7 for m in layers)
 
 
+@pytest.mark.parametrize("quantized_inputs", [True, False])
+def test_adaround_sees_the_inputs_the_quantized_model_feeds_each_layer(trained, data, monkeypatch, quantized_inputs):
+    """With quantized_inputs, each layer's cached x^ is its input in the final model put through the
+    layer's 8-bit quantizer, whose range is that input's min/max; without, x^ is the float input of
+    the final model with every input quantizer off (they are calibrated afterwards)."""
+    pipeline = importlib.import_module("adaround_ext.quantize")  # the module, not the function of that name
+    original, seen = pipeline.optimize_layer, {}
+
+    def recording(*args, **kwargs):
+        seen[len(seen)] = args[7].clone()  # the inputs cache
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "optimize_layer", recording)
+    config = ae.QuantConfig(**dict(FAST, iterations=20, num_samples=64), quantized_inputs=quantized_inputs)
+    q = ae.quantize(trained, data["calib"], config)
+    layers = [(n, m) for n, m in q.named_modules() if isinstance(m, ae.QuantizedLayer)]
+    quantizers = {n: m.input_quantizer for n, m in layers}
+    if not quantized_inputs:
+        for _, m in layers:
+            m.input_quantizer = None
+    raw = {}
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: raw.setdefault(n, a[0].clone())) for n, m in layers]
+    with torch.no_grad():
+        q(data["calib"][:64])
+    for h in handles:
+        h.remove()
+    order = [r.name for r in q.adaround_report.layers]  # the order optimize_layer was called in
+    assert len(seen) == len(layers) == 21
+    for i, name in enumerate(order):
+        x, quantizer = raw[name], quantizers[name]
+        expected = ae.ActivationQuantizer(*init_activation_grid(x.min().item(), x.max().item(), 8))
+        assert quantizer.scale.item() == pytest.approx(expected.scale.item(), rel=1e-6), name
+        assert quantizer.zero_point.item() == expected.zero_point.item(), name
+        torch.testing.assert_close(seen[i], quantizer(x) if quantized_inputs else x, rtol=0, atol=0, msg=name)
+
+
 def test_original_model_untouched(trained, data):
     before = copy.deepcopy(trained.state_dict())
     ae.quantize(trained, data["calib"][:64], ae.QuantConfig(rounding="nearest", **dict(FAST, num_samples=64)))
@@ -107,7 +145,7 @@ def test_baselines_run_through_the_pipeline(trained, data, rounding):
 
 
 def test_resume_after_interruption_gives_the_same_model(trained, data, tmp_path):
-    config = ae.QuantConfig(weight_bits=3, activation_bits=None, **dict(FAST, iterations=40, num_samples=64))
+    config = ae.QuantConfig(weight_bits=3, activation_bits=8, **dict(FAST, iterations=40, num_samples=64))
 
     class Interrupted(Exception):
         pass
@@ -226,6 +264,17 @@ def test_calibration_batches_of_the_wrong_shape(trained):
     loader = [(torch.randn(4, 3, 32, 32), 0), (torch.randn(4, 3, 16, 16), 0)]
     with pytest.raises(ValueError, match="different sample shapes"):
         ae.quantize(trained, loader, ae.QuantConfig(**FAST))
+
+
+@pytest.mark.parametrize("quantized_inputs,message", [(True, r"layer 0: its cached input x\^ holds NaN or Inf"),
+                                                     (False, "inputs contains NaN or Inf")])
+def test_calibration_data_holding_nan(quantized_inputs, message):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).eval()
+    samples = torch.randn(40, 3, 6, 6)
+    samples[3, 0, 0, 0] = float("nan")
+    config = ae.QuantConfig(iterations=5, batch_size=8, progress=False, device="cpu", quantized_inputs=quantized_inputs)
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        ae.quantize(model, samples, config)
 
 
 def test_checkpoint_directory_of_another_model(trained, data, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from typing import Callable, Iterable, List, Optional, Union
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _C
-from .caching import make_layer_caches
+from .caching import CHUNK, make_layer_caches
 from ._ops import hard_quantize
 from .checkpoint import Checkpoint, fingerprint
 from .config import QuantConfig
@@ -206,7 +207,12 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
             state, layer_report = _quantize_layer(caches, name, module, kind, bits, index, activations, config)
             if ckpt:
                 ckpt.save(name, state, layer_report.to_dict())
-        set_submodule(q_model, name, QuantizedLayer(kind, bias=module.bias, **state, **geometry(module)).to(device))
+        layer = QuantizedLayer(kind, bias=module.bias, **{k: v for k, v in state.items() if k != "input_range"},
+                               **geometry(module))
+        if state.get("input_range") is not None:  # later layers' x^ see this layer's quantized input
+            layer.input_quantizer = ActivationQuantizer(*init_activation_grid(*state["input_range"],
+                                                                              config.activation_bits))
+        set_submodule(q_model, name, layer.to(device))
         report.layers.append(layer_report)
         if on_layer_done:
             on_layer_done(index, name)
@@ -214,13 +220,33 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
     report.cache_seconds = sum(r.cache_seconds for r in report.layers)
     report.optimize_seconds = sum(r.seconds for r in report.layers)
     t_cal = time.perf_counter()
-    if config.activation_bits is not None:
+    if config.activation_bits is not None and not _inputs_quantized_in_walk(config):
         calibrate_activations(q_model, samples, config.activation_bits, device)
     report.calibrate_seconds = time.perf_counter() - t_cal
     report.total_seconds = time.perf_counter() - t0
     q_model.adaround_report = report
     q_model.adaround_folded_batchnorm = folded
     return q_model
+
+
+def _inputs_quantized_in_walk(config) -> bool:
+    """Whether each layer's input quantizer is calibrated on its x^ during the walk (see
+    QuantConfig.quantized_inputs) rather than afterwards."""
+    return (config.rounding == "adaround" and config.activation_bits is not None and config.quantized_inputs
+            and config.asymmetric_reconstruction)
+
+
+def _quantize_inputs_(name, inputs, bits):
+    """Calibrates the layer's input quantizer on its cached x^ and applies it to the cache in place;
+    returns the range."""
+    lo, hi = inputs.min().item(), inputs.max().item()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"layer {name}: its cached input x^ holds NaN or Inf (an earlier layer's output "
+                         f"overflowed, or the calibration data holds them)")
+    quantizer = ActivationQuantizer(*init_activation_grid(lo, hi, bits))
+    for part in inputs.split(CHUNK):
+        part.copy_(quantizer(part))
+    return lo, hi
 
 
 def _traceable(model: nn.Module) -> bool:
@@ -247,9 +273,12 @@ def _quantize_layer(caches, name, module, kind, bits, index, activations, config
     activation = activations.get(name, "none") if config.loss_activation == "auto" else config.loss_activation
     report = LayerReport(name=name, kind=kind, shape=tuple(weight.shape), bits=bits, loss_activation=activation)
     seed = config.seed * 1000 + index
+    input_range = None  # set where this layer's input quantizer is calibrated here (not afterwards)
     if config.rounding == "adaround":
         t_cache = time.perf_counter()
         inputs, targets = caches.build(name, activation)
+        if _inputs_quantized_in_walk(config):
+            input_range = _quantize_inputs_(name, inputs, config.activation_bits)
         report.cache_seconds = time.perf_counter() - t_cache
         device = caches.device
         report.cache_location = "pinned host" if inputs.device != device else str(device)
@@ -278,5 +307,5 @@ def _quantize_layer(caches, name, module, kind, bits, index, activations, config
         report.mode = config.rounding
     report.rounded_up_fraction = _rounded_up_fraction(weight, codes, scale, zero_point, axis)
     state = dict(codes=codes.cpu(), scale=scale.cpu(), zero_point=None if zero_point is None else zero_point.cpu(),
-                 quant_min=n, quant_max=p, axis=axis)
+                 quant_min=n, quant_max=p, axis=axis, input_range=input_range)
     return state, report

@@ -285,6 +285,17 @@ def test_checkpoint_directory_of_another_model(trained, data, tmp_path):
         ae.quantize(other, data["calib"], config, checkpoint_dir=str(tmp_path))
 
 
+def test_checkpoint_directories_are_named_per_configuration():
+    from adaround_ext.checkpoint import config_tag
+
+    base = ae.QuantConfig()
+    assert config_tag(base) == config_tag(ae.QuantConfig())
+    # Settings that cannot change the result share a directory, so a run resumes with or without them.
+    assert config_tag(base) == config_tag(ae.QuantConfig(progress=False, device="cpu", cuda_graph=True))
+    for change in (dict(quantized_inputs=False), dict(seed=1), dict(iterations=10), dict(num_samples=512)):
+        assert config_tag(ae.QuantConfig(**change)) != config_tag(base), change
+
+
 def test_load_into_a_mismatched_model(w3_results, tmp_path):
     _, _, model = w3_results
     path = tmp_path / "q.pt"

@@ -11,6 +11,17 @@ import torch
 MANIFEST = "manifest.json"
 
 
+def _result_settings(config) -> bytes:
+    # Settings that cannot change the result stay out: a run resumes with or without them.
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("progress", "device", "cuda_graph")}
+    return json.dumps(settings, sort_keys=True).encode()
+
+
+def config_tag(config) -> str:
+    """Short hash of the settings that determine the result: names a checkpoint directory per configuration."""
+    return hashlib.sha256(_result_settings(config)).hexdigest()[:8]
+
+
 def fingerprint(model: torch.nn.Module, samples: torch.Tensor, config) -> str:
     """Hash of what determines the result: weights, calibration samples and configuration."""
     h = hashlib.sha256()
@@ -18,9 +29,7 @@ def fingerprint(model: torch.nn.Module, samples: torch.Tensor, config) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     h.update(samples.contiguous().numpy().tobytes())
-    # Settings that cannot change the result stay out: a run resumes with or without them.
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("progress", "device", "cuda_graph")}
-    h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(_result_settings(config))
     return h.hexdigest()
 
 

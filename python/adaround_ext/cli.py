@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from .checkpoint import config_tag
 from .config import QuantConfig
 from .quantize import quantize
 from .encodings import export_encodings
@@ -148,8 +149,10 @@ def main(argv=None):
         accs, times = [], []
         for seed in seeds:
             start = time.perf_counter()
-            q = quantize(model, calib, QuantConfig(rounding="adaround", seed=seed, **common),
-                         checkpoint_dir=os.path.join(args.out, f"ckpt_{args.arch}_{setting}_it{args.iterations}_s{seed}"))
+            config = QuantConfig(rounding="adaround", seed=seed, **common)
+            # One directory per configuration: the same command resumes, another flag starts afresh.
+            ckpt = os.path.join(args.out, f"ckpt_{args.arch}_{setting}_s{seed}_{config_tag(config)}")
+            q = quantize(model, calib, config, checkpoint_dir=ckpt)
             accs.append(testbed.evaluate(q, *test_set, device=device))
             eval_time = time.perf_counter() - start - q.adaround_report.total_seconds
             times.append(time.perf_counter() - start)

@@ -133,7 +133,8 @@ def test_strategy_choice(model, budget, expected):
 def test_quantize_gives_the_same_model_either_way(monkeypatch):
     torch.manual_seed(0)
     model, samples = Branchy().eval(), torch.randn(160, 3, 6, 6)
-    config = ae.QuantConfig(iterations=60, batch_size=16, num_samples=160, progress=False, device="cpu")
+    config = ae.QuantConfig(iterations=60, batch_size=16, num_samples=160, progress=False, device="cpu",
+                            quantized_inputs=True)  # each layer's input quantizer set during the walk
     walked = ae.quantize(model, samples, config)
     monkeypatch.setattr(caching, "WALK_MEMORY_SHARE", 0.0)
     rerun = ae.quantize(model, samples, config)

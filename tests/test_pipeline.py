@@ -145,7 +145,9 @@ def test_baselines_run_through_the_pipeline(trained, data, rounding):
 
 
 def test_resume_after_interruption_gives_the_same_model(trained, data, tmp_path):
-    config = ae.QuantConfig(weight_bits=3, activation_bits=8, **dict(FAST, iterations=40, num_samples=64))
+    # quantized_inputs: the input quantizers calibrated during the walk go through the checkpoints too.
+    config = ae.QuantConfig(weight_bits=3, activation_bits=8, quantized_inputs=True,
+                            **dict(FAST, iterations=40, num_samples=64))
 
     class Interrupted(Exception):
         pass
@@ -272,7 +274,8 @@ def test_calibration_data_holding_nan(quantized_inputs, message):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).eval()
     samples = torch.randn(40, 3, 6, 6)
     samples[3, 0, 0, 0] = float("nan")
-    config = ae.QuantConfig(iterations=5, batch_size=8, progress=False, device="cpu", quantized_inputs=quantized_inputs)
+    config = ae.QuantConfig(iterations=5, batch_size=8, progress=False, device="cpu",
+                            quantized_inputs=quantized_inputs)
     with pytest.raises((ValueError, RuntimeError), match=message):
         ae.quantize(model, samples, config)
 
@@ -292,7 +295,7 @@ def test_checkpoint_directories_are_named_per_configuration():
     assert config_tag(base) == config_tag(ae.QuantConfig())
     # Settings that cannot change the result share a directory, so a run resumes with or without them.
     assert config_tag(base) == config_tag(ae.QuantConfig(progress=False, device="cpu", cuda_graph=True))
-    for change in (dict(quantized_inputs=False), dict(seed=1), dict(iterations=10), dict(num_samples=512)):
+    for change in (dict(quantized_inputs=True), dict(seed=1), dict(iterations=10), dict(num_samples=512)):
         assert config_tag(ae.QuantConfig(**change)) != config_tag(base), change
 
 

@@ -58,9 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=4, help="image decoding processes for --data")
     p.add_argument("--eval-images", type=int, default=None,
                    help="evaluate on N test images (Fashion-MNIST: the first N; --data: a fixed random spread)")
-    p.add_argument("--float-inputs", action="store_true",
-                   help="keep activations in float during AdaRound and calibrate them afterwards (AIMET's way); "
-                        "default: each layer learns against its 8-bit quantized inputs")
+    p.add_argument("--quantized-inputs", action="store_true",
+                   help="each layer learns its rounding against its 8-bit quantized inputs; default: activations "
+                        "stay in float during AdaRound and are calibrated afterwards (AIMET's way)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--cuda-graph", action="store_true", help="CUDA: replay each iteration from a CUDA graph")
     args = p.parse_args(argv)
@@ -143,7 +143,7 @@ def main(argv=None):
         common = dict(overrides, iterations=args.iterations, num_samples=args.samples, batch_size=args.batch_size,
                       device=device, progress=not args.no_progress, first_layer_bits=args.first_last_bits,
                       last_layer_bits=args.first_last_bits, cuda_graph=args.cuda_graph,
-                      quantized_inputs=not args.float_inputs)
+                      quantized_inputs=args.quantized_inputs)
         nearest_model = quantize(model, calib, QuantConfig(rounding="nearest", **common))
         nearest = testbed.evaluate(nearest_model, *test_set, device=device)
         accs, times = [], []

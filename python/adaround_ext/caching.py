@@ -119,14 +119,14 @@ class _GraphCursor:
     Values are freed after their last reader; in-place modules (ReLU(inplace=True)) see the same
     values in the same order as in an eager forward pass."""
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, chunks: List[torch.Tensor], device):
-        self.model, self.chunks, self.device = model, chunks, device
+    def __init__(self, model: nn.Module, graph: fx.Graph, chunks: List[torch.Tensor], device, track_peak=False):
+        self.model, self.chunks, self.device, self.track_peak = model, chunks, device, track_peak
         self.nodes = list(graph.nodes)
         index = {node: i for i, node in enumerate(self.nodes)}
         self.last_read = {node: max((index[u] for u in node.users), default=i) for i, node in enumerate(self.nodes)}
         self.values = {}
         self.position = 0  # the next node to run
-        self.peak_bytes = 0  # most bytes kept at once, the running node's inputs and output included
+        self.peak_bytes = 0  # with track_peak: most bytes kept at once, the running node's inputs and output included
 
     def run_until(self, stop: int) -> None:
         while self.position < stop:
@@ -137,7 +137,8 @@ class _GraphCursor:
         node, i = self.nodes[self.position], self.position
         out = [self._evaluate(node, c) for c in range(len(self.chunks))]
         self.values[node] = out
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes())
+        if self.track_peak:
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes())
         for read in (*node.all_input_nodes, node):
             if self.last_read[read] == i:
                 self.values.pop(read, None)
@@ -233,7 +234,7 @@ def _free_memory(device) -> int:
 
 def walk_bytes(model: nn.Module, graph: fx.Graph, sample: torch.Tensor, device) -> int:
     """Peak bytes of the values the walk keeps for one sample, measured by walking it once."""
-    cursor = _GraphCursor(model, graph, [sample[:1]], device)
+    cursor = _GraphCursor(model, graph, [sample[:1]], device, track_peak=True)
     with torch.no_grad():
         cursor.run_until(len(cursor.nodes))
     return cursor.peak_bytes

@@ -70,6 +70,10 @@ def parse_args(argv=None):
     return args
 
 
+def _device(args) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_fashion_model(args, log):
     path = args.model_checkpoint or os.path.join(args.out, f"fashion_mnist_{args.arch}.pt")
     model = testbed.resnet(args.arch, num_classes=10)
@@ -79,8 +83,7 @@ def load_fashion_model(args, log):
     else:
         log(f"training {args.arch} on Fashion-MNIST for {args.train_epochs} epochs (no checkpoint at {path})")
         images, labels = testbed.fashion_mnist("train")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        testbed.train(model.to(device), images, labels, epochs=args.train_epochs, log=log)
+        testbed.train(model.to(_device(args)), images, labels, epochs=args.train_epochs, log=log)
         model.cpu()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         torch.save(model.state_dict(), path)
@@ -133,7 +136,7 @@ def main(argv=None):
         calib = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[: args.samples]]
         test_x, test_y = testbed.fashion_mnist("test")
         test_set = (test_x[: args.eval_images], test_y[: args.eval_images])
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args)
     fp32 = testbed.evaluate(model.to(device), *test_set, device=device)
     log(f"FP32 accuracy: {fp32:.2f}%")
     seeds = [int(s) for s in args.seeds.split(",")]

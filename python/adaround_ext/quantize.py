@@ -150,7 +150,7 @@ def calibrate_activations(model: nn.Module, samples: torch.Tensor, bits: int, de
             h.remove()
     for name, module in layers.items():
         if name in ranges:
-            module.input_quantizer = ActivationQuantizer(*init_activation_grid(*ranges[name], bits)).to(device)
+            module.input_quantizer = _input_quantizer(ranges[name], bits).to(device)
 
 
 def quantize(model: nn.Module, calibration_data: CalibrationData, config: Optional[QuantConfig] = None, *,
@@ -207,11 +207,11 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
             state, layer_report = _quantize_layer(caches, name, module, kind, bits, index, activations, config)
             if ckpt:
                 ckpt.save(name, state, layer_report.to_dict())
-        layer = QuantizedLayer(kind, bias=module.bias, **{k: v for k, v in state.items() if k != "input_range"},
-                               **geometry(module))
-        if state.get("input_range") is not None:  # later layers' x^ see this layer's quantized input
-            layer.input_quantizer = ActivationQuantizer(*init_activation_grid(*state["input_range"],
-                                                                              config.activation_bits))
+        state = dict(state)
+        input_range = state.pop("input_range", None)
+        layer = QuantizedLayer(kind, bias=module.bias, **state, **geometry(module))
+        if input_range is not None:  # later layers' x^ see this layer's quantized input
+            layer.input_quantizer = _input_quantizer(input_range, config.activation_bits)
         set_submodule(q_model, name, layer.to(device))
         report.layers.append(layer_report)
         if on_layer_done:
@@ -229,6 +229,11 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
     return q_model
 
 
+def _input_quantizer(value_range, bits: int) -> ActivationQuantizer:
+    """A layer's input quantizer for the calibrated (min, max) of its input."""
+    return ActivationQuantizer(*init_activation_grid(*value_range, bits))
+
+
 def _inputs_quantized_in_walk(config) -> bool:
     """Whether each layer's input quantizer is calibrated on its x^ during the walk (see
     QuantConfig.quantized_inputs) rather than afterwards."""
@@ -243,7 +248,7 @@ def _quantize_inputs_(name, inputs, bits):
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"layer {name}: its cached input x^ holds NaN or Inf (an earlier layer's output "
                          f"overflowed, or the calibration data holds them)")
-    quantizer = ActivationQuantizer(*init_activation_grid(lo, hi, bits))
+    quantizer = _input_quantizer((lo, hi), bits)
     for part in inputs.split(CHUNK):
         part.copy_(quantizer(part))
     return lo, hi

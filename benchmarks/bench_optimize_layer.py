@@ -5,6 +5,7 @@ layer, cache, iterations and seed, for the ResNet18 conv shapes.
     .venv/bin/python benchmarks/bench_optimize_layer.py --device cuda --imagenet   # GPU machine
 """
 import argparse
+import os
 import time
 
 import torch
@@ -26,6 +27,19 @@ def layer_case(shape, stride, size, samples, device):
     x_hat = x + 0.01 * torch.randn(x.shape, generator=g).to(device)
     scale = w.abs().amax(dim=(1, 2, 3)) / 7
     return w, b, scale, x_hat, targets, geometry
+
+
+def winograd_columns(shape, stride, time_ours, t_ours, iterations):
+    """it/s of optimize_layer with ADAROUND_WINOGRAD=0 and the gain of the default over it, for 3x3
+    stride-1 layers (the others never take the Winograd path; about 1.00x means this one did not)."""
+    if shape[2:] != (3, 3) or stride != 1:
+        return ("-", "-")
+    os.environ["ADAROUND_WINOGRAD"] = "0"
+    try:
+        t_direct = time_ours()
+    finally:
+        del os.environ["ADAROUND_WINOGRAD"]
+    return (f"{iterations / t_direct:.1f}", f"{t_direct / t_ours:.2f}x")
 
 
 def timed(fn, device):
@@ -62,7 +76,10 @@ def main():
         t_ours, out = timed(lambda: ours(False), args.device)
         row = (name, "x".join(map(str, shape)), f"{size}x{size}", f"{args.iterations / t_plain:.1f}",
                f"{args.iterations / t_ours:.1f}", f"{t_plain / t_ours:.2f}x", f"{out[4]:.4g}", f"{out[5]:.4g}")
-        if args.device != "cpu":  # CUDA graphs on: one captured iteration replayed
+        if args.device == "cpu":  # the same op with the Winograd path off (ADAROUND_WINOGRAD=0)
+            row += winograd_columns(shape, stride, lambda: timed(lambda: ours(False), args.device)[0], t_ours,
+                                    args.iterations)
+        else:  # CUDA graphs on: one captured iteration replayed
             t_graph, _ = timed(lambda: ours(True), args.device)
             row += (f"{args.iterations / t_graph:.1f}", f"{t_ours / t_graph:.2f}x")
         rows.append(row)
@@ -70,7 +87,9 @@ def main():
           f"batch={args.batch_size} torch={torch.__version__}")
     print("(times include optimize_layer's final full-cache error evaluation)")
     header = ("layer", "weight", "input", "plain it/s", "ours it/s", "speedup", "nearest err", "ada err")
-    if args.device != "cpu":
+    if args.device == "cpu":
+        header += ("no-Winograd it/s", "Winograd gain")
+    else:
         header += ("graph it/s", "graph vs eager")
     print_table(header, rows)
 

@@ -7,6 +7,9 @@ gathers, no caching, no evaluation.
 
 Each layer is timed the way optimize_layer runs it (SPEC defaults, batch 32, 32x32 inputs):
 - exact mode (identity loss, where cheaper): one [out, K] x [K, K] product per iteration;
+- 3x3 stride-1 convolutions with 16+ input channels and 16+ even-sized output positions: Winograd
+  F(2x2, 3x3), 16 GEMMs for the output and 16 for the weight gradient (the weight and output
+  transforms, linear passes over memory, are not counted);
 - small maps (<= 16 output positions): two GEMMs over the unfolded cache, live columns only;
 - larger maps: oneDNN's convolution and its weight gradient.
 """
@@ -23,6 +26,8 @@ from adaround_ext.quantize import execution_order, following_activations  # noqa
 from adaround_ext.testbed import resnet  # noqa: E402
 
 GEMM_MAX_POSITIONS = 16  # kGemmMaxPositions in csrc/optimize_layer.cpp
+WINOGRAD_MIN_CHANNELS = 16  # kWinogradMinChannels
+WINOGRAD_MIN_POSITIONS = 16  # kWinogradMinPositions
 
 
 def median_ms(fn, repeats=15):
@@ -59,16 +64,29 @@ def exact_is_cheaper(out, k, positions, batch, iterations, samples):
     return exact < minibatch
 
 
+def takes_winograd(module, out_size):
+    """winograd_cache's test in csrc/optimize_layer.cpp."""
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.stride == (1, 1)
+            and module.dilation == (1, 1) and module.groups == 1 and module.in_channels >= WINOGRAD_MIN_CHANNELS
+            and out_size.numel() >= WINOGRAD_MIN_POSITIONS and all(s % 2 == 0 for s in out_size))
+
+
 def iteration_work(module, in_shape, activation, batch, iterations, samples):
     """(path, multiply-adds, timed function) of one iteration's products."""
     if isinstance(module, nn.Linear):
-        out, k, positions = module.out_features, module.in_features, 1
+        out, k, positions, out_size = module.out_features, module.in_features, 1, torch.Size([1])
     else:
         out, k = module.out_channels, module.weight[0].numel()
-        positions = module(torch.zeros(1, *in_shape[1:])).shape[-2:].numel()
+        out_size = module(torch.zeros(1, *in_shape[1:])).shape[-2:]
+        positions = out_size.numel()
     if activation == "none" and exact_is_cheaper(out, k, positions, batch, iterations, samples):
         gram, w = torch.randn(k, k), torch.randn(out, k)
         return "exact (W G)", out * k * k, lambda: w.mm(gram)
+    if takes_winograd(module, out_size):
+        rows, cin = batch * positions // 4, module.in_channels
+        tiles, u, g = torch.randn(16, rows, cin), torch.randn(16, out, cin), torch.randn(16, rows, out)
+        return ("Winograd F(2x2,3x3)", 2 * 16 * rows * cin * out,
+                lambda: (torch.bmm(tiles, u.transpose(1, 2)), torch.bmm(g.transpose(1, 2), tiles)))
     if isinstance(module, nn.Linear) or positions <= GEMM_MAX_POSITIONS:
         live = k if isinstance(module, nn.Linear) else live_columns(module, in_shape)
         rows = batch * positions

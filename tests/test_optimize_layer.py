@@ -63,10 +63,18 @@ def small_map_case(device, activation, seed=0):
 
 
 def wide_conv_case(device, activation, seed=0):
-    """16 input channels on 8x8 maps: on the CPU in float32 the loop runs on channels-last copies of
-    the caches (kChannelsLastMinChannels in csrc/optimize_layer.cpp)."""
+    """16 input channels on 7x7 maps: on the CPU in float32 the loop runs on channels-last copies of
+    the caches (kChannelsLastMinChannels in csrc/optimize_layer.cpp). Odd output sizes keep it off
+    the Winograd path."""
     geometry = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
-    return make_conv_case(device, activation, (8, 16, 3, 3), 0.15, (40, 16, 8, 8), geometry, seed=seed)
+    return make_conv_case(device, activation, (8, 16, 3, 3), 0.15, (40, 16, 7, 7), geometry, seed=seed)
+
+
+def winograd_case(device, activation, seed=0):
+    """A 3x3 stride-1 conv with 16 input channels and even 6x8 outputs (padding 1 in height, 0 in
+    width): on the CPU the loop runs it as Winograd F(2x2, 3x3) (csrc/cpu/winograd.h)."""
+    geometry = dict(stride=[1, 1], padding=[1, 0], dilation=[1, 1], groups=1)
+    return make_conv_case(device, activation, (8, 16, 3, 3), 0.15, (40, 16, 6, 10), geometry, seed=seed)
 
 
 def transposed_case(device, activation, seed=0):
@@ -78,7 +86,8 @@ def transposed_case(device, activation, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", [conv_case, linear_case, small_map_case, transposed_case, wide_conv_case])
+@pytest.mark.parametrize("case", [conv_case, linear_case, small_map_case, transposed_case, wide_conv_case,
+                                  winograd_case])
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
     w, b, scale, zp, n, p, axis, x, t, geometry = (
@@ -103,7 +112,7 @@ def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
         assert ((v - ref_v).abs() < 1e-3).float().mean() > 0.95
 
 
-@pytest.mark.parametrize("case", [conv_case, small_map_case, transposed_case])
+@pytest.mark.parametrize("case", [conv_case, small_map_case, transposed_case, winograd_case])
 def test_long_run_with_frozen_weights_matches_plain_pytorch(device, case):
     """Past the first repack (every 200 iterations) the CPU steps only the weights whose V is not yet
     saturated with momentum pointing out. In float64 everything else must still follow the plain loop:
@@ -123,6 +132,25 @@ def test_long_run_with_frozen_weights_matches_plain_pytorch(device, case):
     torch.testing.assert_close(v[~saturated], ref_v[~saturated], rtol=1e-8, atol=1e-8)
     if w.is_cpu:  # packed out: the plain loop's momentum carried those V further out
         assert (ref_v.abs() > v.abs() + 1e-6)[saturated].any()
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_winograd_and_direct_convolution_agree(monkeypatch, with_bias):
+    """ADAROUND_WINOGRAD=0 runs the Winograd-eligible layer through oneDNN's convolutions instead.
+    Both follow the plain loop (test above); here they must agree with each other, bias or none,
+    while not being bit-identical: the switch really changes the path."""
+    w, b, scale, zp, n, p, axis, x, t, geometry = winograd_case("cpu", "relu")
+    opts = dict(iterations=50, batch_size=8, lr=1e-2, reg_lambda=0.05, warm_start=0.2, activation="relu", seed=3,
+                mode="minibatch", log_every=1)
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ADAROUND_WINOGRAD", flag)
+        results[flag] = run(w, b if with_bias else None, scale, zp, n, p, axis, x, t, geometry, **opts)
+    (_, codes_w, v_w, curve_w, *_), (_, codes_d, v_d, curve_d, *_) = results["1"], results["0"]
+    assert not torch.equal(v_w, v_d)
+    torch.testing.assert_close(curve_w, curve_d, rtol=1e-4, atol=1e-6)
+    assert ((v_w - v_d).abs() < 1e-3).float().mean() > 0.95
+    assert (codes_w == codes_d).float().mean() > 0.99
 
 
 def test_same_seed_same_result(device):

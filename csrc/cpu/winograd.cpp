@@ -1,0 +1,197 @@
+// Winograd F(2x2, 3x3) for optimize_layer's CPU loop (see winograd.h).
+#include "winograd.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace adaround::cpu {
+namespace {
+
+using at::Tensor;
+
+// The 1-D maps of F(2, 3), applied along both axes of a tile. Input: B^T d; kernel: G g and its
+// transpose; output: A^T m and its transpose.
+struct InputMap {
+  template <typename T>
+  void operator()(const T* d, T* out) const {
+    out[0] = d[0] - d[2];
+    out[1] = d[1] + d[2];
+    out[2] = d[2] - d[1];
+    out[3] = d[1] - d[3];
+  }
+};
+struct KernelMap {
+  template <typename T>
+  void operator()(const T* g, T* out) const {
+    out[0] = g[0];
+    out[1] = T(0.5) * (g[0] + g[1] + g[2]);
+    out[2] = T(0.5) * (g[0] - g[1] + g[2]);
+    out[3] = g[2];
+  }
+};
+struct KernelMapTransposed {
+  template <typename T>
+  void operator()(const T* u, T* out) const {
+    out[0] = u[0] + T(0.5) * (u[1] + u[2]);
+    out[1] = T(0.5) * (u[1] - u[2]);
+    out[2] = T(0.5) * (u[1] + u[2]) + u[3];
+  }
+};
+struct OutputMap {
+  template <typename T>
+  void operator()(const T* m, T* out) const {
+    out[0] = m[0] + m[1] + m[2];
+    out[1] = m[1] - m[2] - m[3];
+  }
+};
+struct OutputMapTransposed {
+  template <typename T>
+  void operator()(const T* y, T* out) const {
+    out[0] = y[0];
+    out[1] = y[0] + y[1];
+    out[2] = y[0] - y[1];
+    out[3] = T(0) - y[1];
+  }
+};
+
+// out = map(in) along rows, then along columns, of one N x N block; V is a scalar or a SIMD vector
+// (then the lanes are consecutive blocks). load(k) and store(k, value) address value k of the block.
+template <int N, int M, typename V, typename Map, typename Load, typename Store>
+inline void map_block(const Map& map, const Load& load, const Store& store) {
+  V block[N][N], half[N][M], column[N], mapped[M];
+  for (int r = 0; r < N; ++r)
+    for (int c = 0; c < N; ++c) block[r][c] = load(r * N + c);
+  for (int r = 0; r < N; ++r) map(block[r], half[r]);
+  for (int c = 0; c < M; ++c) {
+    for (int r = 0; r < N; ++r) column[r] = half[r][c];
+    map(column, mapped);
+    for (int r = 0; r < M; ++r) store(r * M + c, mapped[r]);
+  }
+}
+
+// The map on every block of a planar [N*N, count] tensor into a planar [M*M, count] one: value k of
+// block p at [k, p]. SIMD vectors over consecutive blocks, scalars on the tail.
+template <int N, int M, typename Map>
+Tensor transform_planes(const Tensor& src, const Map& map) {
+  const Tensor s = src.contiguous();
+  const int64_t count = s.numel() / (N * N);
+  std::vector<int64_t> shape(s.sizes().begin(), s.sizes().end());
+  shape[0] = M * M;
+  Tensor dst = at::empty(shape, s.options());
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "winograd_transform", [&] {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const scalar_t* in = s.const_data_ptr<scalar_t>();
+    scalar_t* out = dst.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
+      int64_t p = begin;
+      for (; p + Vec::size() <= end; p += Vec::size()) {
+        map_block<N, M, Vec>(map, [&](int k) { return Vec::loadu(in + k * count + p); },
+                             [&](int k, const Vec& v) { v.store(out + k * count + p); });
+      }
+      for (; p < end; ++p) {
+        map_block<N, M, scalar_t>(map, [&](int k) { return in[k * count + p]; },
+                                  [&](int k, scalar_t v) { out[k * count + p] = v; });
+      }
+    });
+  });
+  return dst;
+}
+
+}  // namespace
+
+Tensor gather_samples(const Tensor& cache, const Tensor& rows) {
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() >= 2 && rows.scalar_type() == at::kLong,
+              "gather_samples: contiguous cache and int64 rows expected");
+  const Tensor idx = rows.contiguous();
+  std::vector<int64_t> shape(cache.sizes().begin(), cache.sizes().end());
+  shape[1] = idx.numel();
+  Tensor out = at::empty(shape, cache.options());
+  const int64_t planes = cache.size(0), n = cache.size(1), batch = idx.numel();
+  const int64_t bytes = cache.numel() / (planes * n) * cache.element_size();
+  const int64_t* row = idx.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(row[b] >= 0 && row[b] < n, "gather_samples: row ", row[b], " out of range for ", n, " samples");
+  }
+  const char* src = static_cast<const char*>(cache.const_data_ptr());
+  char* dst = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, planes * batch, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t plane = i / batch, b = i % batch;
+      std::memcpy(dst + i * bytes, src + (plane * n + row[b]) * bytes, bytes);
+    }
+  });
+  return out;
+}
+
+bool winograd_enabled() {
+  const char* value = std::getenv("ADAROUND_WINOGRAD");
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
+WinogradCache winograd_cache(const Tensor& inputs, const Tensor& targets, at::IntArrayRef padding) {
+  TORCH_CHECK(inputs.dim() == 4 && targets.dim() == 4 && padding.size() == 2, "winograd_cache: NCHW caches expected");
+  const int64_t n = inputs.size(0), c = inputs.size(1), o = targets.size(1);
+  const int64_t out_h = targets.size(2), out_w = targets.size(3);
+  TORCH_CHECK(out_h % kWinogradOutputTile == 0 && out_w % kWinogradOutputTile == 0 &&
+                  out_h == inputs.size(2) + 2 * padding[0] - 2 && out_w == inputs.size(3) + 2 * padding[1] - 2,
+              "winograd_cache: targets ", targets.sizes(), " are not the even-sized 3x3 stride-1 outputs of inputs ",
+              inputs.sizes(), " with padding ", padding);
+  const int64_t tiles_h = out_h / kWinogradOutputTile, tiles_w = out_w / kWinogradOutputTile;
+  WinogradCache cache;
+  cache.tiles = tiles_h * tiles_w;
+  // [n, C, th, tw, 4, 4] overlapping tiles -> planar [16, n, tiles, C], then B^T d B of each.
+  const Tensor padded = at::constant_pad_nd(inputs, {padding[1], padding[1], padding[0], padding[0]});
+  const Tensor tiles = padded.unfold(2, kWinogradInputTile, kWinogradOutputTile)
+                           .unfold(3, kWinogradInputTile, kWinogradOutputTile)
+                           .permute({4, 5, 0, 2, 3, 1})
+                           .reshape({kWinogradPoints, n, cache.tiles, c});
+  cache.inputs = transform_planes<kWinogradInputTile, kWinogradInputTile>(tiles, InputMap{});
+  // [n, O, th, 2, tw, 2] -> [2, 2, n, th, tw, O]
+  cache.targets = targets.reshape({n, o, tiles_h, kWinogradOutputTile, tiles_w, kWinogradOutputTile})
+                      .permute({3, 5, 0, 2, 4, 1})
+                      .reshape({kWinogradOutputs, n, cache.tiles, o})
+                      .contiguous();  // minibatch gathers and the gradient pass read it densely
+  return cache;
+}
+
+Tensor winograd_weights(const Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
+              "winograd_weights: [O, C, 3, 3] expected, got ", weight.sizes());
+  // [O, C, 3, 3] -> planar [9, O, C] -> [16, O, C]
+  const Tensor planar = weight.permute({2, 3, 0, 1}).reshape({9, weight.size(0), weight.size(1)});
+  return transform_planes<3, kWinogradInputTile>(planar, KernelMap{});
+}
+
+Tensor winograd_weights_grad(const Tensor& grad_u) {
+  // [16, O, C] -> planar [9, O, C] -> [O, C, 3, 3]
+  const Tensor planar = transform_planes<kWinogradInputTile, 3>(grad_u, KernelMapTransposed{});
+  return planar.view({3, 3, grad_u.size(1), grad_u.size(2)}).permute({2, 3, 0, 1}).contiguous();
+}
+
+Tensor winograd_forward(const Tensor& tiles, const Tensor& weights_u, const std::optional<Tensor>& bias) {
+  const Tensor products = at::bmm(tiles, weights_u.transpose(1, 2));  // [16, rows, O]
+  Tensor pre = transform_planes<kWinogradInputTile, kWinogradOutputTile>(products, OutputMap{});
+  if (bias.has_value()) pre.add_(*bias);  // broadcast over the last dim, O
+  return pre;
+}
+
+Tensor winograd_weight_grad(const Tensor& grad_pre, const Tensor& tiles) {
+  const Tensor grad_products = transform_planes<kWinogradOutputTile, kWinogradInputTile>(grad_pre,
+                                                                                          OutputMapTransposed{});
+  return winograd_weights_grad(at::bmm(grad_products.transpose(1, 2), tiles));  // [16, O, C] -> [O, C, 3, 3]
+}
+
+Tensor winograd_untile(const Tensor& tiled, int64_t out_height, int64_t out_width) {
+  const int64_t n = tiled.size(1), o = tiled.size(3);
+  return tiled
+      .reshape({kWinogradOutputTile, kWinogradOutputTile, n, out_height / kWinogradOutputTile,
+                out_width / kWinogradOutputTile, o})
+      .permute({2, 5, 3, 0, 4, 1})
+      .reshape({n, o, out_height, out_width});
+}
+
+}  // namespace adaround::cpu

@@ -42,12 +42,12 @@ WinogradCache winograd_cache(const at::Tensor& inputs, const at::Tensor& targets
 // several times slower).
 at::Tensor gather_samples(const at::Tensor& cache, const at::Tensor& rows);
 
-// G g G^T of every kernel: [O, C, 3, 3] -> [16, O, C].
+// G g G^T of every kernel: [O, C, 3, 3] -> [16, C, O].
 at::Tensor winograd_weights(const at::Tensor& weight);
-// The transposed map: dL/dU [16, O, C] -> dL/dg [O, C, 3, 3].
+// The transposed map: dL/dU [16, C, O] -> dL/dg [O, C, 3, 3].
 at::Tensor winograd_weights_grad(const at::Tensor& grad_u);
 
-// One minibatch: tiles [16, rows, C] (rows = samples x tiles) and the transformed weights [16, O, C]
+// One minibatch: tiles [16, rows, C] (rows = samples x tiles) and the transformed weights [16, C, O]
 // give the pre-activation [4, rows, O] (bias added) ...
 at::Tensor winograd_forward(const at::Tensor& tiles, const at::Tensor& weights_u, const std::optional<at::Tensor>& bias);
 // ... and dL/d(pre) [4, rows, O] gives dL/dW [O, C, 3, 3].

@@ -52,7 +52,7 @@ TEST(Winograd, WeightTransformRoundTripsThroughItsTranspose) {
   // <G g G^T, u> == <g, G^T u G>: winograd_weights_grad is the adjoint of winograd_weights.
   torch::manual_seed(1);
   const torch::Tensor g = torch::randn({6, 3, 3, 3}, torch::kFloat64);
-  const torch::Tensor u = torch::randn({kWinogradPoints, 6, 3}, torch::kFloat64);
+  const torch::Tensor u = torch::randn({kWinogradPoints, 3, 6}, torch::kFloat64);  // [16, C, O]
   const double lhs = (adaround::cpu::winograd_weights(g) * u).sum().item<double>();
   const double rhs = (g * adaround::cpu::winograd_weights_grad(u)).sum().item<double>();
   EXPECT_NEAR(lhs, rhs, 1e-10 * std::abs(lhs));

@@ -48,14 +48,15 @@ constexpr int64_t kMaxUnfoldedElements = int64_t(1) << 28;
 // iteration in optimize_layer), 40 % less on 16 channels at 16x16; no gain at 56x56, and a loss with
 // conv1's 3 input channels.
 constexpr int64_t kChannelsLastMinChannels = 16;
+constexpr int64_t kChannelsLastMaxPositions = 256;
 // A CPU 3x3 stride-1 convolution with at least this many input channels and output positions per
 // sample runs as Winograd F(2x2, 3x3) (see winograd_cache below). Whole iterations on the 2-core
-// machine, batch 32, against the path the layer had before: 1.55x on ResNet layer1's 64 channels at
-// 8x8 (oneDNN, channels-last), 1.42x on layer2's 128 at 4x4 (unfolded GEMMs), 0.93x on layer3's 256
-// at 2x2, where one tile per sample leaves the transformed weights' memory traffic to dominate.
+// machine, batch 32, against the path the layer had before: 1.47-1.61x on ResNet layer1's 64
+// channels at 8x8 (oneDNN, channels-last), 1.35-1.38x on layer2's 128 at 4x4 (unfolded GEMMs), but
+// 0.76x on layer3's 256 at 2x2, where one tile per sample leaves the transformed weights' memory
+// traffic to dominate.
 constexpr int64_t kWinogradMinChannels = 16;
 constexpr int64_t kWinogradMinPositions = 16;
-constexpr int64_t kChannelsLastMaxPositions = 256;
 
 // A layer whose arguments passed every check, with geometry expanded to the spatial rank.
 struct Layer {

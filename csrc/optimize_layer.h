@@ -7,7 +7,9 @@
 //   auto result = adaround::optimize_layer(weight, bias, grid, inputs, targets, conv, options);
 //
 // `inputs` are the cached layer inputs x^ from the partly quantized model, `targets` the cached
-// f_a(W x + b) of the float model. The loop runs on the device of the tensors.
+// f_a(W x + b) of the float model. The loop runs on the device of the tensors. On the CPU a 3x3
+// stride-1 convolution runs as Winograd F(2x2, 3x3) where that pays (csrc/cpu/winograd.h); the
+// environment variable ADAROUND_WINOGRAD=0 turns that off.
 #pragma once
 
 #include <ATen/ATen.h>

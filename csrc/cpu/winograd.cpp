@@ -161,8 +161,8 @@ WinogradCache winograd_cache(const Tensor& inputs, const Tensor& targets, at::In
 Tensor winograd_weights(const Tensor& weight) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "winograd_weights: [O, C, 3, 3] expected, got ", weight.sizes());
-  // [O, C, 3, 3] -> planar [9, C, O] -> [16, C, O]: the forward GEMMs' right operand as it is (MKL
-  // took 1.8x longer on layer1's shapes with it transposed).
+  // [O, C, 3, 3] -> planar [9, C, O] -> [16, C, O]: the forward GEMMs' right operand as it is. In
+  // the loop, on layer1's shapes, those GEMMs took 1.8x longer with it transposed.
   const Tensor planar = weight.permute({2, 3, 1, 0}).reshape({9, weight.size(1), weight.size(0)});
   return transform_planes<3, kWinogradInputTile>(planar, KernelMap{});
 }

@@ -18,10 +18,10 @@
 
 namespace adaround::cpu {
 
-constexpr int64_t kWinogradOutputTile = 2;                             // outputs per tile side
-constexpr int64_t kWinogradInputTile = kWinogradOutputTile + 3 - 1;  // 4x4 input tiles
-constexpr int64_t kWinogradPoints = kWinogradInputTile * kWinogradInputTile;            // 16
-constexpr int64_t kWinogradOutputs = kWinogradOutputTile * kWinogradOutputTile;         // 4
+constexpr int64_t kWinogradOutputTile = 2;                                       // outputs per tile side
+constexpr int64_t kWinogradInputTile = kWinogradOutputTile + 3 - 1;              // 4x4 input tiles
+constexpr int64_t kWinogradPoints = kWinogradInputTile * kWinogradInputTile;     // 16 products per tile
+constexpr int64_t kWinogradOutputs = kWinogradOutputTile * kWinogradOutputTile;  // 4 outputs per tile
 
 // Whether ADAROUND_WINOGRAD=0 leaves the Winograd path off (to measure against the direct one).
 bool winograd_enabled();

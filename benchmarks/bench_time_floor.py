@@ -84,9 +84,9 @@ def iteration_work(module, in_shape, activation, batch, iterations, samples):
         return "exact (W G)", out * k * k, lambda: w.mm(gram)
     if takes_winograd(module, out_size):
         rows, cin = batch * positions // 4, module.in_channels
-        tiles, u, g = torch.randn(16, rows, cin), torch.randn(16, out, cin), torch.randn(16, rows, out)
+        tiles, u, g = torch.randn(16, rows, cin), torch.randn(16, cin, out), torch.randn(16, rows, out)
         return ("Winograd F(2x2,3x3)", 2 * 16 * rows * cin * out,
-                lambda: (torch.bmm(tiles, u.transpose(1, 2)), torch.bmm(g.transpose(1, 2), tiles)))
+                lambda: (torch.bmm(tiles, u), torch.bmm(tiles.transpose(1, 2), g)))  # as csrc/cpu/winograd.cpp
     if isinstance(module, nn.Linear) or positions <= GEMM_MAX_POSITIONS:
         live = k if isinstance(module, nn.Linear) else live_columns(module, in_shape)
         rows = batch * positions

@@ -30,16 +30,19 @@ def layer_case(shape, stride, size, samples, device):
 
 
 def winograd_columns(shape, stride, time_ours, t_ours, iterations):
-    """it/s of optimize_layer with ADAROUND_WINOGRAD=0 and the gain of the default over it, for 3x3
-    stride-1 layers (the others never take the Winograd path; about 1.00x means this one did not)."""
+    """it/s of optimize_layer with ADAROUND_WINOGRAD=0 (direct) and =2 (F(2x2, 3x3) where the default
+    may take F(4x4, 3x3)), and the gain of the default over direct, for 3x3 stride-1 layers (the
+    others never take the Winograd path; about 1.00x means this one did not)."""
     if shape[2:] != (3, 3) or stride != 1:
-        return ("-", "-")
-    os.environ["ADAROUND_WINOGRAD"] = "0"
-    try:
-        t_direct = time_ours()
-    finally:
-        del os.environ["ADAROUND_WINOGRAD"]
-    return (f"{iterations / t_direct:.1f}", f"{t_direct / t_ours:.2f}x")
+        return ("-", "-", "-")
+    times = {}
+    for setting in ("0", "2"):
+        os.environ["ADAROUND_WINOGRAD"] = setting
+        try:
+            times[setting] = time_ours()
+        finally:
+            del os.environ["ADAROUND_WINOGRAD"]
+    return (f"{iterations / times['0']:.1f}", f"{iterations / times['2']:.1f}", f"{times['0'] / t_ours:.2f}x")
 
 
 def timed(fn, device):
@@ -76,7 +79,7 @@ def main():
         t_ours, out = timed(lambda: ours(False), args.device)
         row = (name, "x".join(map(str, shape)), f"{size}x{size}", f"{args.iterations / t_plain:.1f}",
                f"{args.iterations / t_ours:.1f}", f"{t_plain / t_ours:.2f}x", f"{out[4]:.4g}", f"{out[5]:.4g}")
-        if args.device == "cpu":  # the same op with the Winograd path off (ADAROUND_WINOGRAD=0)
+        if args.device == "cpu":  # the same op with the Winograd path off, and with the small tile
             row += winograd_columns(shape, stride, lambda: timed(lambda: ours(False), args.device)[0], t_ours,
                                     args.iterations)
         else:  # CUDA graphs on: one captured iteration replayed
@@ -88,7 +91,7 @@ def main():
     print("(times include optimize_layer's final full-cache error evaluation)")
     header = ("layer", "weight", "input", "plain it/s", "ours it/s", "speedup", "nearest err", "ada err")
     if args.device == "cpu":
-        header += ("no-Winograd it/s", "Winograd gain")
+        header += ("no-Winograd it/s", "F(2x2) it/s", "Winograd gain")
     else:
         header += ("graph it/s", "graph vs eager")
     print_table(header, rows)

@@ -28,6 +28,7 @@ from adaround_ext.testbed import resnet  # noqa: E402
 GEMM_MAX_POSITIONS = 16  # kGemmMaxPositions in csrc/optimize_layer.cpp
 WINOGRAD_MIN_CHANNELS = 16  # kWinogradMinChannels
 WINOGRAD_MIN_POSITIONS = 16  # kWinogradMinPositions
+WINOGRAD_LARGE_TILE_MIN_POSITIONS = 64  # kWinogradLargeTileMinPositions
 
 
 def median_ms(fn, repeats=15):
@@ -64,11 +65,15 @@ def exact_is_cheaper(out, k, positions, batch, iterations, samples):
     return exact < minibatch
 
 
-def takes_winograd(module, out_size):
-    """winograd_cache's test in csrc/optimize_layer.cpp."""
-    return (isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.stride == (1, 1)
+def winograd_tile(module, out_size):
+    """The output tile side winograd_cache in csrc/optimize_layer.cpp chooses (0: no Winograd)."""
+    if not (isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.stride == (1, 1)
             and module.dilation == (1, 1) and module.groups == 1 and module.in_channels >= WINOGRAD_MIN_CHANNELS
-            and out_size.numel() >= WINOGRAD_MIN_POSITIONS and all(s % 2 == 0 for s in out_size))
+            and out_size.numel() >= WINOGRAD_MIN_POSITIONS):
+        return 0
+    if all(s % 4 == 0 for s in out_size) and out_size.numel() >= WINOGRAD_LARGE_TILE_MIN_POSITIONS:
+        return 4
+    return 2 if all(s % 2 == 0 for s in out_size) else 0
 
 
 def iteration_work(module, in_shape, activation, batch, iterations, samples):
@@ -82,10 +87,11 @@ def iteration_work(module, in_shape, activation, batch, iterations, samples):
     if activation == "none" and exact_is_cheaper(out, k, positions, batch, iterations, samples):
         gram, w = torch.randn(k, k), torch.randn(out, k)
         return "exact (W G)", out * k * k, lambda: w.mm(gram)
-    if takes_winograd(module, out_size):
-        rows, cin = batch * positions // 4, module.in_channels
-        tiles, u, g = torch.randn(16, rows, cin), torch.randn(16, cin, out), torch.randn(16, rows, out)
-        return ("Winograd F(2x2,3x3)", 2 * 16 * rows * cin * out,
+    tile = winograd_tile(module, out_size)
+    if tile:
+        rows, cin, points = batch * positions // tile**2, module.in_channels, (tile + 2) ** 2
+        tiles, u, g = torch.randn(points, rows, cin), torch.randn(points, cin, out), torch.randn(points, rows, out)
+        return (f"Winograd F({tile}x{tile},3x3)", 2 * points * rows * cin * out,
                 lambda: (torch.bmm(tiles, u), torch.bmm(tiles.transpose(1, 2), g)))  # as csrc/cpu/winograd.cpp
     if isinstance(module, nn.Linear) or positions <= GEMM_MAX_POSITIONS:
         live = k if isinstance(module, nn.Linear) else live_columns(module, in_shape)

@@ -8,8 +8,9 @@
 //
 // `inputs` are the cached layer inputs x^ from the partly quantized model, `targets` the cached
 // f_a(W x + b) of the float model. The loop runs on the device of the tensors. On the CPU a 3x3
-// stride-1 convolution runs as Winograd F(2x2, 3x3) where that pays (csrc/cpu/winograd.h); the
-// environment variable ADAROUND_WINOGRAD=0 turns that off.
+// stride-1 convolution runs as Winograd F(2x2, 3x3) or F(4x4, 3x3) where that pays
+// (csrc/cpu/winograd.h); the environment variable ADAROUND_WINOGRAD=0 turns that off, =2 or =4
+// asks for one tile side where the outputs allow it.
 #pragma once
 
 #include <ATen/ATen.h>

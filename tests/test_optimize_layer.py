@@ -77,6 +77,13 @@ def winograd_case(device, activation, seed=0):
     return make_conv_case(device, activation, (8, 16, 3, 3), 0.15, (40, 16, 6, 10), geometry, seed=seed)
 
 
+def winograd_large_tile_case(device, activation, seed=0):
+    """16 input channels and 8x8 outputs: outputs in multiples of 4 and 64 positions, so on the CPU the
+    loop runs Winograd F(4x4, 3x3)."""
+    geometry = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
+    return make_conv_case(device, activation, (8, 16, 3, 3), 0.15, (40, 16, 8, 8), geometry, seed=seed)
+
+
 def transposed_case(device, activation, seed=0):
     """A strided, grouped ConvTranspose2d with output_padding: weight [in, out / groups, kh, kw], the
     per-channel grid on axis 1 (its output channels)."""
@@ -87,7 +94,7 @@ def transposed_case(device, activation, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", [conv_case, linear_case, small_map_case, transposed_case, wide_conv_case,
-                                  winograd_case])
+                                  winograd_case, winograd_large_tile_case])
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
     w, b, scale, zp, n, p, axis, x, t, geometry = (
@@ -112,7 +119,8 @@ def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
         assert ((v - ref_v).abs() < 1e-3).float().mean() > 0.95
 
 
-@pytest.mark.parametrize("case", [conv_case, small_map_case, transposed_case, winograd_case])
+@pytest.mark.parametrize("case", [conv_case, small_map_case, transposed_case, winograd_case,
+                                  winograd_large_tile_case])
 def test_long_run_with_frozen_weights_matches_plain_pytorch(device, case):
     """Past the first repack (every 200 iterations) the CPU steps only the weights whose V is not yet
     saturated with momentum pointing out. In float64 everything else must still follow the plain loop:
@@ -135,22 +143,45 @@ def test_long_run_with_frozen_weights_matches_plain_pytorch(device, case):
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_winograd_and_direct_convolution_agree(monkeypatch, with_bias):
-    """ADAROUND_WINOGRAD=0 runs the Winograd-eligible layer through oneDNN's convolutions instead.
-    Both follow the plain loop (test above); here they must agree with each other, bias or none,
-    while not being bit-identical: the switch really changes the path."""
-    w, b, scale, zp, n, p, axis, x, t, geometry = winograd_case("cpu", "relu")
+@pytest.mark.parametrize("case, flag", [(winograd_case, "1"), (winograd_large_tile_case, "4"),
+                                        (winograd_large_tile_case, "2")])
+def test_winograd_and_direct_convolution_agree(monkeypatch, with_bias, case, flag):
+    """ADAROUND_WINOGRAD=0 runs the Winograd-eligible layer through oneDNN's convolutions instead; =2
+    and =4 ask for the tile side. Every path follows the plain loop (test above); here they must agree
+    with each other, bias or none, while not being bit-identical: the switch really changes the path."""
+    w, b, scale, zp, n, p, axis, x, t, geometry = case("cpu", "relu")
     opts = dict(iterations=50, batch_size=8, lr=1e-2, reg_lambda=0.05, warm_start=0.2, activation="relu", seed=3,
                 mode="minibatch", log_every=1)
     results = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("ADAROUND_WINOGRAD", flag)
-        results[flag] = run(w, b if with_bias else None, scale, zp, n, p, axis, x, t, geometry, **opts)
-    (_, codes_w, v_w, curve_w, *_), (_, codes_d, v_d, curve_d, *_) = results["1"], results["0"]
+    for setting in (flag, "0"):
+        monkeypatch.setenv("ADAROUND_WINOGRAD", setting)
+        results[setting] = run(w, b if with_bias else None, scale, zp, n, p, axis, x, t, geometry, **opts)
+    (_, codes_w, v_w, curve_w, *_), (_, codes_d, v_d, curve_d, *_) = results[flag], results["0"]
     assert not torch.equal(v_w, v_d)
     torch.testing.assert_close(curve_w, curve_d, rtol=1e-4, atol=1e-6)
     assert ((v_w - v_d).abs() < 1e-3).float().mean() > 0.95
     assert (codes_w == codes_d).float().mean() > 0.99
+
+
+def test_winograd_tile_follows_the_output_size(monkeypatch):
+    """8x8 outputs take F(4x4, 3x3) by default; 6x8 outputs, not multiples of 4, take F(2x2, 3x3),
+    also when ADAROUND_WINOGRAD=4 asks for the large tile."""
+    opts = dict(iterations=20, batch_size=8, activation="relu", seed=3, mode="minibatch")
+
+    def v_with(case, setting):
+        if setting is None:
+            monkeypatch.delenv("ADAROUND_WINOGRAD", raising=False)
+        else:
+            monkeypatch.setenv("ADAROUND_WINOGRAD", setting)
+        return run(*case("cpu", "relu"), **opts)[2]
+
+    default = v_with(winograd_large_tile_case, None)
+    assert torch.equal(default, v_with(winograd_large_tile_case, "4"))
+    assert not torch.equal(default, v_with(winograd_large_tile_case, "2"))
+    default = v_with(winograd_case, None)
+    assert torch.equal(default, v_with(winograd_case, "2"))
+    assert torch.equal(default, v_with(winograd_case, "4"))
+    assert not torch.equal(default, v_with(winograd_case, "0"))
 
 
 def test_same_seed_same_result(device):

@@ -1,4 +1,4 @@
-// Winograd F(2x2, 3x3) for optimize_layer's CPU loop (see winograd.h).
+// Winograd F(2x2, 3x3) and F(4x4, 3x3) for optimize_layer's CPU loop (see winograd.h).
 #include "winograd.h"
 
 #include <ATen/Dispatch.h>
@@ -7,56 +7,141 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 namespace adaround::cpu {
 namespace {
 
 using at::Tensor;
 
-// The 1-D maps of F(2, 3), applied along both axes of a tile. Input: B^T d; kernel: G g and its
-// transpose; output: A^T m and its transpose.
-struct InputMap {
-  template <typename T>
-  void operator()(const T* d, T* out) const {
-    out[0] = d[0] - d[2];
-    out[1] = d[1] + d[2];
-    out[2] = d[2] - d[1];
-    out[3] = d[1] - d[3];
-  }
+// The 1-D maps of F(m, 3), applied along both axes of a tile. Input: B^T d; kernel: G g and its
+// transpose; output: A^T m and its transpose. Maps<m> holds them for one tile side.
+template <int kTile>
+struct Maps;
+
+template <>
+struct Maps<2> {
+  struct Input {
+    template <typename T>
+    void operator()(const T* d, T* out) const {
+      out[0] = d[0] - d[2];
+      out[1] = d[1] + d[2];
+      out[2] = d[2] - d[1];
+      out[3] = d[1] - d[3];
+    }
+  };
+  struct Kernel {
+    template <typename T>
+    void operator()(const T* g, T* out) const {
+      out[0] = g[0];
+      out[1] = T(0.5) * (g[0] + g[1] + g[2]);
+      out[2] = T(0.5) * (g[0] - g[1] + g[2]);
+      out[3] = g[2];
+    }
+  };
+  struct KernelTransposed {
+    template <typename T>
+    void operator()(const T* u, T* out) const {
+      out[0] = u[0] + T(0.5) * (u[1] + u[2]);
+      out[1] = T(0.5) * (u[1] - u[2]);
+      out[2] = T(0.5) * (u[1] + u[2]) + u[3];
+    }
+  };
+  struct Output {
+    template <typename T>
+    void operator()(const T* m, T* out) const {
+      out[0] = m[0] + m[1] + m[2];
+      out[1] = m[1] - m[2] - m[3];
+    }
+  };
+  struct OutputTransposed {
+    template <typename T>
+    void operator()(const T* y, T* out) const {
+      out[0] = y[0];
+      out[1] = y[0] + y[1];
+      out[2] = y[0] - y[1];
+      out[3] = T(0) - y[1];
+    }
+  };
 };
-struct KernelMap {
-  template <typename T>
-  void operator()(const T* g, T* out) const {
-    out[0] = g[0];
-    out[1] = T(0.5) * (g[0] + g[1] + g[2]);
-    out[2] = T(0.5) * (g[0] - g[1] + g[2]);
-    out[3] = g[2];
-  }
+
+// Interpolation points 0, 1, -1, 2, -2 and infinity.
+template <>
+struct Maps<4> {
+  struct Input {
+    template <typename T>
+    void operator()(const T* d, T* out) const {
+      out[0] = T(4) * d[0] - T(5) * d[2] + d[4];
+      out[1] = d[3] + d[4] - T(4) * (d[1] + d[2]);
+      out[2] = d[4] - d[3] + T(4) * (d[1] - d[2]);
+      out[3] = d[4] - d[2] + T(2) * (d[3] - d[1]);
+      out[4] = d[4] - d[2] + T(2) * (d[1] - d[3]);
+      out[5] = T(4) * d[1] - T(5) * d[3] + d[5];
+    }
+  };
+  struct Kernel {
+    template <typename T>
+    void operator()(const T* g, T* out) const {
+      const T even = g[0] + g[2], quarter = T(0.25) * g[0] + g[2];
+      out[0] = T(0.25) * g[0];
+      out[1] = T(-1.0 / 6) * (even + g[1]);
+      out[2] = T(-1.0 / 6) * (even - g[1]);
+      out[3] = T(1.0 / 6) * (quarter + T(0.5) * g[1]);
+      out[4] = T(1.0 / 6) * (quarter - T(0.5) * g[1]);
+      out[5] = g[2];
+    }
+  };
+  struct KernelTransposed {
+    template <typename T>
+    void operator()(const T* u, T* out) const {
+      const T s12 = u[1] + u[2], d12 = u[2] - u[1], s34 = u[3] + u[4], d34 = u[3] - u[4];
+      out[0] = T(0.25) * u[0] - T(1.0 / 6) * s12 + T(1.0 / 24) * s34;
+      out[1] = T(1.0 / 6) * d12 + T(1.0 / 12) * d34;
+      out[2] = T(1.0 / 6) * (s34 - s12) + u[5];
+    }
+  };
+  struct Output {
+    template <typename T>
+    void operator()(const T* m, T* out) const {
+      const T s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
+      out[0] = m[0] + s12 + s34;
+      out[1] = d12 + T(2) * d34;
+      out[2] = s12 + T(4) * s34;
+      out[3] = d12 + T(8) * d34 + m[5];
+    }
+  };
+  struct OutputTransposed {
+    template <typename T>
+    void operator()(const T* y, T* out) const {
+      out[0] = y[0];
+      out[1] = y[0] + y[1] + y[2] + y[3];
+      out[2] = y[0] - y[1] + y[2] - y[3];
+      out[3] = y[0] + T(2) * y[1] + T(4) * y[2] + T(8) * y[3];
+      out[4] = y[0] - T(2) * y[1] + T(4) * y[2] - T(8) * y[3];
+      out[5] = y[3];
+    }
+  };
 };
-struct KernelMapTransposed {
-  template <typename T>
-  void operator()(const T* u, T* out) const {
-    out[0] = u[0] + T(0.5) * (u[1] + u[2]);
-    out[1] = T(0.5) * (u[1] - u[2]);
-    out[2] = T(0.5) * (u[1] + u[2]) + u[3];
-  }
-};
-struct OutputMap {
-  template <typename T>
-  void operator()(const T* m, T* out) const {
-    out[0] = m[0] + m[1] + m[2];
-    out[1] = m[1] - m[2] - m[3];
-  }
-};
-struct OutputMapTransposed {
-  template <typename T>
-  void operator()(const T* y, T* out) const {
-    out[0] = y[0];
-    out[1] = y[0] + y[1];
-    out[2] = y[0] - y[1];
-    out[3] = T(0) - y[1];
-  }
-};
+
+// Calls f(std::integral_constant<int, m>) for a tile side m of 2 or 4.
+template <typename F>
+auto with_tile(int64_t tile, const F& f) {
+  TORCH_CHECK(tile == kWinogradSmallTile || tile == kWinogradLargeTile, "Winograd tile side must be 2 or 4, got ",
+              tile);
+  return tile == kWinogradLargeTile ? f(std::integral_constant<int, 4>{}) : f(std::integral_constant<int, 2>{});
+}
+
+// The tile side m of a [(m+2)^2, ...] transformed tensor or a [m^2, ...] output-domain one.
+int64_t tile_of_points(int64_t points) {
+  TORCH_CHECK(points == winograd_points(2) || points == winograd_points(4), "Winograd: ", points,
+              " transformed points per tile, expected 16 or 36");
+  return points == winograd_points(2) ? 2 : 4;
+}
+int64_t tile_of_outputs(int64_t outputs) {
+  TORCH_CHECK(outputs == winograd_outputs(2) || outputs == winograd_outputs(4), "Winograd: ", outputs,
+              " outputs per tile, expected 4 or 16");
+  return outputs == winograd_outputs(2) ? 2 : 4;
+}
 
 // out = map(in) along rows, then along columns, of one N x N block; V is a scalar or a SIMD vector
 // (then the lanes are consecutive blocks). load(k) and store(k, value) address value k of the block.
@@ -132,65 +217,88 @@ bool winograd_enabled() {
   return value == nullptr || std::strcmp(value, "0") != 0;
 }
 
-WinogradCache winograd_cache(const Tensor& inputs, const Tensor& targets, at::IntArrayRef padding) {
+int64_t winograd_forced_tile() {
+  const char* value = std::getenv("ADAROUND_WINOGRAD");
+  if (value == nullptr) return 0;
+  if (std::strcmp(value, "2") == 0) return kWinogradSmallTile;
+  if (std::strcmp(value, "4") == 0) return kWinogradLargeTile;
+  return 0;
+}
+
+WinogradCache winograd_cache(const Tensor& inputs, const Tensor& targets, at::IntArrayRef padding, int64_t tile) {
   TORCH_CHECK(inputs.dim() == 4 && targets.dim() == 4 && padding.size() == 2, "winograd_cache: NCHW caches expected");
   const int64_t n = inputs.size(0), c = inputs.size(1), o = targets.size(1);
   const int64_t out_h = targets.size(2), out_w = targets.size(3);
-  TORCH_CHECK(out_h % kWinogradOutputTile == 0 && out_w % kWinogradOutputTile == 0 &&
-                  out_h == inputs.size(2) + 2 * padding[0] - 2 && out_w == inputs.size(3) + 2 * padding[1] - 2,
-              "winograd_cache: targets ", targets.sizes(), " are not the even-sized 3x3 stride-1 outputs of inputs ",
-              inputs.sizes(), " with padding ", padding);
-  const int64_t tiles_h = out_h / kWinogradOutputTile, tiles_w = out_w / kWinogradOutputTile;
+  TORCH_CHECK(tile == kWinogradSmallTile || tile == kWinogradLargeTile, "winograd_cache: tile must be 2 or 4, got ",
+              tile);
+  TORCH_CHECK(out_h % tile == 0 && out_w % tile == 0 && out_h == inputs.size(2) + 2 * padding[0] - 2 &&
+                  out_w == inputs.size(3) + 2 * padding[1] - 2,
+              "winograd_cache: targets ", targets.sizes(), " are not the 3x3 stride-1 outputs, in multiples of ", tile,
+              ", of inputs ", inputs.sizes(), " with padding ", padding);
+  const int64_t tiles_h = out_h / tile, tiles_w = out_w / tile, side = tile + 2;
   WinogradCache cache;
+  cache.tile = tile;
   cache.tiles = tiles_h * tiles_w;
-  // [n, C, th, tw, 4, 4] overlapping tiles -> planar [16, n, tiles, C], then B^T d B of each.
+  // [n, C, th, tw, m+2, m+2] overlapping tiles -> planar [(m+2)^2, n, tiles, C], then B^T d B of each.
   const Tensor padded = at::constant_pad_nd(inputs, {padding[1], padding[1], padding[0], padding[0]});
-  const Tensor tiles = padded.unfold(2, kWinogradInputTile, kWinogradOutputTile)
-                           .unfold(3, kWinogradInputTile, kWinogradOutputTile)
+  const Tensor tiles = padded.unfold(2, side, tile)
+                           .unfold(3, side, tile)
                            .permute({4, 5, 0, 2, 3, 1})
-                           .reshape({kWinogradPoints, n, cache.tiles, c});
-  cache.inputs = transform_planes<kWinogradInputTile, kWinogradInputTile>(tiles, InputMap{});
-  // [n, O, th, 2, tw, 2] -> [2, 2, n, th, tw, O]
-  cache.targets = targets.reshape({n, o, tiles_h, kWinogradOutputTile, tiles_w, kWinogradOutputTile})
+                           .reshape({side * side, n, cache.tiles, c});
+  cache.inputs = with_tile(tile, [&](auto m) {
+    constexpr int M = decltype(m)::value;
+    return transform_planes<M + 2, M + 2>(tiles, typename Maps<M>::Input{});
+  });
+  // [n, O, th, m, tw, m] -> [m, m, n, th, tw, O]
+  cache.targets = targets.reshape({n, o, tiles_h, tile, tiles_w, tile})
                       .permute({3, 5, 0, 2, 4, 1})
-                      .reshape({kWinogradOutputs, n, cache.tiles, o})
+                      .reshape({tile * tile, n, cache.tiles, o})
                       .contiguous();  // minibatch gathers and the gradient pass read it densely
   return cache;
 }
 
-Tensor winograd_weights(const Tensor& weight) {
+Tensor winograd_weights(const Tensor& weight, int64_t tile) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
               "winograd_weights: [O, C, 3, 3] expected, got ", weight.sizes());
-  // [O, C, 3, 3] -> planar [9, C, O] -> [16, C, O]: the forward GEMMs' right operand as it is. In
-  // the loop, on layer1's shapes, those GEMMs took 1.8x longer with it transposed.
+  // [O, C, 3, 3] -> planar [9, C, O] -> [(m+2)^2, C, O]: the forward GEMMs' right operand as it is.
+  // In the loop, on layer1's shapes, those GEMMs took 1.8x longer with it transposed.
   const Tensor planar = weight.permute({2, 3, 1, 0}).reshape({9, weight.size(1), weight.size(0)});
-  return transform_planes<3, kWinogradInputTile>(planar, KernelMap{});
+  return with_tile(tile, [&](auto m) {
+    constexpr int M = decltype(m)::value;
+    return transform_planes<3, M + 2>(planar, typename Maps<M>::Kernel{});
+  });
 }
 
 Tensor winograd_weights_grad(const Tensor& grad_u) {
-  // [16, C, O] -> planar [9, C, O] -> [O, C, 3, 3]
-  const Tensor planar = transform_planes<kWinogradInputTile, 3>(grad_u, KernelMapTransposed{});
+  // [(m+2)^2, C, O] -> planar [9, C, O] -> [O, C, 3, 3]
+  const Tensor planar = with_tile(tile_of_points(grad_u.size(0)), [&](auto m) {
+    constexpr int M = decltype(m)::value;
+    return transform_planes<M + 2, 3>(grad_u, typename Maps<M>::KernelTransposed{});
+  });
   return planar.view({3, 3, grad_u.size(1), grad_u.size(2)}).permute({3, 2, 0, 1}).contiguous();
 }
 
 Tensor winograd_forward(const Tensor& tiles, const Tensor& weights_u, const std::optional<Tensor>& bias) {
-  const Tensor products = at::bmm(tiles, weights_u);  // [16, rows, O]
-  Tensor pre = transform_planes<kWinogradInputTile, kWinogradOutputTile>(products, OutputMap{});
+  const Tensor products = at::bmm(tiles, weights_u);  // [(m+2)^2, rows, O]
+  Tensor pre = with_tile(tile_of_points(tiles.size(0)), [&](auto m) {
+    constexpr int M = decltype(m)::value;
+    return transform_planes<M + 2, M>(products, typename Maps<M>::Output{});
+  });
   if (bias.has_value()) pre.add_(*bias);  // broadcast over the last dim, O
   return pre;
 }
 
 Tensor winograd_weight_grad(const Tensor& grad_pre, const Tensor& tiles) {
-  const Tensor grad_products = transform_planes<kWinogradOutputTile, kWinogradInputTile>(grad_pre,
-                                                                                          OutputMapTransposed{});
-  return winograd_weights_grad(at::bmm(tiles.transpose(1, 2), grad_products));  // [16, C, O] -> [O, C, 3, 3]
+  const Tensor grad_products = with_tile(tile_of_outputs(grad_pre.size(0)), [&](auto m) {
+    constexpr int M = decltype(m)::value;
+    return transform_planes<M, M + 2>(grad_pre, typename Maps<M>::OutputTransposed{});
+  });
+  return winograd_weights_grad(at::bmm(tiles.transpose(1, 2), grad_products));  // [P, C, O] -> [O, C, 3, 3]
 }
 
 Tensor winograd_untile(const Tensor& tiled, int64_t out_height, int64_t out_width) {
-  const int64_t n = tiled.size(1), o = tiled.size(3);
-  return tiled
-      .reshape({kWinogradOutputTile, kWinogradOutputTile, n, out_height / kWinogradOutputTile,
-                out_width / kWinogradOutputTile, o})
+  const int64_t tile = tile_of_outputs(tiled.size(0)), n = tiled.size(1), o = tiled.size(3);
+  return tiled.reshape({tile, tile, n, out_height / tile, out_width / tile, o})
       .permute({2, 5, 3, 0, 4, 1})
       .reshape({n, o, out_height, out_width});
 }

@@ -59,8 +59,9 @@ constexpr int64_t kWinogradMinChannels = 16;
 constexpr int64_t kWinogradMinPositions = 16;
 // Output positions per sample from which a layer whose outputs are multiples of 4 takes F(4x4, 3x3)
 // instead (4x fewer multiply-adds than direct, against 2.25x, for larger transforms per weight).
-// Whole iterations on the 2-core machine, batch 32: 1.18x faster than F(2x2, 3x3) on ResNet layer1's
-// 64 channels at 8x8; on layer2's 4x4 maps (one tile per sample) 1.00x.
+// Whole iterations on the 2-core machine, batch 32: 1.05-1.5x faster than F(2x2, 3x3) on ResNet
+// layer1's 64 channels at 8x8 (five same-process comparisons); on layer2's 4x4 maps (one tile per
+// sample) 1.00x.
 constexpr int64_t kWinogradLargeTileMinPositions = 64;
 
 // A layer whose arguments passed every check, with geometry expanded to the spatial rank.

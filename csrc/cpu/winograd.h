@@ -10,8 +10,8 @@
 // few adds per kernel), runs the GEMMs for the output and for the weight gradient: 2.25x fewer
 // multiply-adds than the direct convolution and its weight gradient with m = 2, 4x with m = 4. The
 // weight gradient is the exact gradient of this forward pass (the transposed linear maps), which
-// equals the convolution's up to float rounding (m = 4's maps have larger coefficients: about 10x
-// the float rounding of m = 2).
+// equals the convolution's up to float rounding (m = 4's maps have larger coefficients, so its
+// float32 rounding error is the larger of the two).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,7 +1,7 @@
 // The AdaRound loop for one layer (SPEC section 2), without an autograd graph: forward with
-// at::convolution/at::linear (on the CPU: Winograd F(2x2, 3x3) or F(4x4, 3x3) for 3x3 stride-1 convolutions, GEMMs
-// over the unfolded cache for small maps), the weight gradient only, and two fused passes per
-// iteration (reconstruction_grad and adam_rounding_step_, CPU and CUDA kernels).
+// at::convolution/at::linear (on the CPU: Winograd F(2x2, 3x3) or F(4x4, 3x3) for 3x3 stride-1
+// convolutions, GEMMs over the unfolded cache for small maps), the weight gradient only, and two
+// fused passes per iteration (reconstruction_grad and adam_rounding_step_, CPU and CUDA kernels).
 #include "optimize_layer.h"
 #include "progress.h"
 
@@ -50,7 +50,7 @@ constexpr int64_t kMaxUnfoldedElements = int64_t(1) << 28;
 constexpr int64_t kChannelsLastMinChannels = 16;
 constexpr int64_t kChannelsLastMaxPositions = 256;
 // A CPU 3x3 stride-1 convolution with at least this many input channels and output positions per
-// sample runs as Winograd F(2x2, 3x3) (see winograd_cache below). Whole iterations on the 2-core
+// sample runs as Winograd F(2x2, 3x3), or F(4x4, 3x3) (below) (see winograd_cache). Whole iterations on the 2-core
 // machine, batch 32, against the path the layer had before: 1.47-1.61x on ResNet layer1's 64
 // channels at 8x8 (oneDNN, channels-last), 1.35-1.38x on layer2's 128 at 4x4 (unfolded GEMMs), but
 // 0.76x on layer3's 256 at 2x2, where one tile per sample leaves the transformed weights' memory

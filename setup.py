@@ -39,7 +39,7 @@ def cpu_flags() -> list:
 
 def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/python/*.cpp")
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/device/*.cpp") + rel("csrc/python/*.cpp")
     if use_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         return CUDAExtension(

@@ -4,9 +4,6 @@
 #include "step_checks.h"
 #include "step_ops.h"
 
-#ifdef ADAROUND_WITH_CUDA
-#include "../cuda/step_kernels.h"
-#endif
 
 namespace adaround {
 
@@ -14,7 +11,7 @@ using at::Tensor;
 
 ActiveWeights::ActiveWeights(const Tensor& weight, const Tensor& scale, const Tensor& zero_point, int64_t qmin,
                              int64_t qmax, std::optional<int64_t> axis, bool pack)
-    : axis_(axis), grid_(make_grid(weight, scale, zero_point, qmin, qmax, axis, /*check_values=*/false)) {
+    : axis_(axis), grid_(make_grid(weight, scale, zero_point, qmin, qmax, axis, GridValueCheck::kNever)) {
   // Packing groups the active weights by channel: the channels must be the outermost dimension.
   can_pack_ = pack && weight.is_cpu() && grid_.channels * grid_.inner == weight.numel();
   // floor(W/s) + z with the per-channel grid broadcast along its axis.
@@ -46,13 +43,9 @@ void ActiveWeights::step(const Tensor& grad, double reg_lambda, double beta, dou
 
 void ActiveWeights::step_scheduled(const Tensor& grad, const Tensor& schedule, double lr, double beta1, double beta2,
                                    double eps) {
-  TORCH_CHECK(v_.is_cuda() && !packed_, "step_scheduled runs on CUDA weights, which are never packed");
-#ifdef ADAROUND_WITH_CUDA
-  cuda::adam_rounding_step_scheduled_(v_, exp_avg_, exp_avg_sq_, soft_weight_, grad, grid_base_, grid_, schedule, lr,
-                                      beta1, beta2, eps);
-#else
-  TORCH_CHECK(false, "adaround_ext was built without CUDA");
-#endif
+  TORCH_CHECK(!packed_, "step_scheduled runs on weights that are never packed");
+  ops::adam_rounding_step_scheduled_(v_, exp_avg_, exp_avg_sq_, soft_weight_, grad, grid_base_, grid_.scale,
+                                     grid_.zero_point, grid_.qmin, grid_.qmax, axis_, schedule, lr, beta1, beta2, eps);
 }
 
 Tensor ActiveWeights::regularizer(double beta) const {

@@ -28,7 +28,8 @@ class ActiveWeights {
             double beta2, double eps, int64_t step);
 
   // The same step with reg_lambda, beta and Adam's bias corrections read from `schedule`, a
-  // float64 [4] device tensor (see cuda/step_kernels.h): the form a CUDA graph replays. CUDA only.
+  // float64 [4] tensor on the weights' device (ops::adam_rounding_step_scheduled_): the form a
+  // CUDA graph replays. Not for packed weights.
   void step_scheduled(const at::Tensor& grad_soft_weight, const at::Tensor& schedule, double lr, double beta1,
                       double beta2, double eps);
 

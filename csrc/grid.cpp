@@ -29,7 +29,7 @@ at::ScalarType code_dtype(int64_t quant_min, int64_t quant_max) {
 
 QuantGrid make_grid(const at::Tensor& weight, const at::Tensor& scale,
                     const std::optional<at::Tensor>& zero_point, int64_t quant_min,
-                    int64_t quant_max, std::optional<int64_t> axis, bool check_values) {
+                    int64_t quant_max, std::optional<int64_t> axis, GridValueCheck check_values) {
   TORCH_CHECK(weight.is_floating_point(), "weight must be a floating-point tensor, got ",
               weight.scalar_type());
   TORCH_CHECK(scale.is_floating_point(), "scale must be a floating-point tensor, got ",
@@ -68,17 +68,20 @@ QuantGrid make_grid(const at::Tensor& weight, const at::Tensor& scale,
   } else {
     grid.zero_point = at::zeros_like(grid.scale);
   }
-  if (check_values && grid.scale.numel() > 0) {
-    // One host sync at the op boundary; the optimisation loop calls the kernels directly.
-    const bool scale_ok = at::logical_and(grid.scale > 0, at::isfinite(grid.scale)).all().item<bool>();
-    TORCH_CHECK(scale_ok, "scale must be positive and finite everywhere");
+  const bool read_values = check_values == GridValueCheck::kAlways ||
+                           (check_values == GridValueCheck::kWhereFree && grid.scale.is_cpu());
+  if (read_values && grid.scale.numel() > 0) {
+    const auto& s = grid.scale;
     const auto& z = grid.zero_point;
-    const bool zp_ok = at::logical_and(at::logical_and(z >= quant_min, z <= quant_max),
-                                       at::eq(z, at::round(z)))
-                           .all()
-                           .item<bool>();
-    TORCH_CHECK(zp_ok, "zero_point must hold integers inside [quant_min, quant_max] = [", quant_min,
-                ", ", quant_max, "]");
+    // Both verdicts in one read: one host synchronisation where the grid is on a GPU.
+    const at::Tensor verdicts =
+        at::stack({at::logical_and(s > 0, at::isfinite(s)).all(),
+                   at::logical_and(at::logical_and(z >= quant_min, z <= quant_max), at::eq(z, at::round(z))).all()})
+            .cpu();
+    const bool* ok = verdicts.const_data_ptr<bool>();
+    TORCH_CHECK(ok[0], "scale must be positive and finite everywhere");
+    TORCH_CHECK(ok[1], "zero_point must hold integers inside [quant_min, quant_max] = [", quant_min, ", ", quant_max,
+                "]");
   }
   return grid;
 }

@@ -23,11 +23,18 @@ struct QuantGrid {
 // Compute dtype for a weight dtype: float for float/half/bfloat16, double for double.
 at::ScalarType compute_dtype(at::ScalarType weight_dtype);
 
+// Whether make_grid reads the grid's values (scale positive and finite, zero point integral and in
+// range). Reading memory of a GPU is a host synchronisation: it would stall every op call and keep
+// the ops out of CUDA graphs, so an op checks values where they are in CPU memory, and
+// optimize_layer checks them once per layer wherever they are.
+enum class GridValueCheck { kWhereFree, kAlways, kNever };
+
 // Checks every grid argument against `weight` and returns the grid laid out for the kernels.
 // Errors name the offending argument.
 QuantGrid make_grid(const at::Tensor& weight, const at::Tensor& scale,
                     const std::optional<at::Tensor>& zero_point, int64_t quant_min,
-                    int64_t quant_max, std::optional<int64_t> axis, bool check_values = true);
+                    int64_t quant_max, std::optional<int64_t> axis,
+                    GridValueCheck check_values = GridValueCheck::kWhereFree);
 
 // Checks that `v` can hold the rounding variables of `weight` (same shape, device, compute dtype).
 void check_rounding_variable(const at::Tensor& weight, const at::Tensor& v, const char* name);

@@ -5,30 +5,29 @@
 #include "optimize_layer.h"
 #include "progress.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 
 #include "active_weights.h"
+#include "cpu/winograd.h"
+#include "device/emulation.h"
 #include "grid.h"
+#include "iteration_graph.h"
 #include "rounding_ops.h"
+#include "schedule.h"
 #include "step_checks.h"
 #include "step_ops.h"
-#include "cpu/winograd.h"
-
-#ifdef ADAROUND_WITH_CUDA
-#include "../cuda/iteration_graph.h"
-#endif
 
 namespace adaround {
 namespace {
 
 using at::Tensor;
 
-constexpr double kAdamBeta1 = 0.9;
-constexpr double kAdamBeta2 = 0.999;
-constexpr double kAdamEps = 1e-8;
 // Rows of unfolded input per chunk when accumulating the Gram matrices or full-cache errors.
 constexpr int64_t kChunkElements = int64_t(1) << 24;
 // Output positions per sample up to which a CPU layer runs as GEMMs over the unfolded cache. On the
@@ -72,6 +71,10 @@ struct Layer {
   bool transposed = false;  // ConvTranspose: weight [in, out / groups, kernel...]
   int64_t out_channels = 1;
   int64_t positions = 1;  // output positions per sample (1 for Linear)
+  // Whether the CPU's own execution paths (Winograd, unfolded GEMMs, channels-last, im2col weight
+  // gradients, packing) may run; off on a GPU and while the CPU emulates one (device/emulation.h),
+  // where the loop takes the form it has on the GPU.
+  bool cpu_paths = false;
 };
 
 std::vector<int64_t> expand_arg(const std::vector<int64_t>& values, int64_t spatial, const char* name) {
@@ -249,7 +252,7 @@ Tensor gather_to_device(const Tensor& cache, const Tensor& idx, const Tensor& w)
 // dL/dW from dL/d(output) without the input gradient.
 Tensor weight_grad(const Layer& layer, const Tensor& grad_out, const Tensor& x, const Tensor& w) {
   if (layer.spatial == 0) return grad_out.t().mm(x);
-  if (x.is_cpu() && !layer.transposed && layer.positions <= kIm2colGradMaxPositions) {
+  if (layer.cpu_paths && !layer.transposed && layer.positions <= kIm2colGradMaxPositions) {
     // On the CPU oneDNN's weight gradient is slow for tiny feature maps (50 ms against 2 ms for
     // 512x512x3x3 at 1x1); an im2col GEMM is not.
     auto [cols, grad_rows] = unfold_chunk(layer, w, x, grad_out);  // [g, rows, K], [g, rows, out_g]
@@ -277,7 +280,7 @@ struct UnfoldedCache {
 std::optional<UnfoldedCache> unfold_cache(const Layer& layer, const Tensor& w, const Tensor& inputs,
                                           const Tensor& targets, std::optional<int64_t> axis) {
   const int64_t n = inputs.size(0), k = w.numel() / w.size(0), out = w.size(0);
-  if (!w.is_cpu() || !inputs.is_cpu() || layer.spatial == 0 || layer.groups != 1 || layer.transposed ||
+  if (!layer.cpu_paths || layer.spatial == 0 || layer.groups != 1 || layer.transposed ||
       layer.positions > kGemmMaxPositions || n * layer.positions * k > kMaxUnfoldedElements) {
     return std::nullopt;
   }
@@ -302,7 +305,7 @@ struct ChannelsLastCache {
 
 std::optional<ChannelsLastCache> channels_last_cache(const Layer& layer, const Tensor& w, const Tensor& inputs,
                                                      const Tensor& targets) {
-  if (!w.is_cpu() || !inputs.is_cpu() || w.scalar_type() != at::kFloat || layer.spatial != 2 ||
+  if (!layer.cpu_paths || w.scalar_type() != at::kFloat || layer.spatial != 2 ||
       layer.transposed || layer.groups != 1 || inputs.size(1) < kChannelsLastMinChannels ||
       layer.positions > kChannelsLastMaxPositions || inputs.numel() + targets.numel() > kMaxUnfoldedElements) {
     return std::nullopt;
@@ -317,7 +320,7 @@ std::optional<ChannelsLastCache> channels_last_cache(const Layer& layer, const T
 // outputs in multiples of 4) fewer multiply-adds.
 std::optional<cpu::WinogradCache> winograd_cache(const Layer& layer, const Tensor& w, const Tensor& inputs,
                                                  const Tensor& targets) {
-  if (!w.is_cpu() || !inputs.is_cpu() || layer.spatial != 2 || layer.transposed || layer.groups != 1 ||
+  if (!layer.cpu_paths || layer.spatial != 2 || layer.transposed || layer.groups != 1 ||
       w.size(2) != 3 || w.size(3) != 3 || inputs.size(1) < kWinogradMinChannels ||
       layer.positions < kWinogradMinPositions || !cpu::winograd_enabled()) {
     return std::nullopt;
@@ -410,79 +413,33 @@ bool choose_exact(const std::string& mode, Activation act, const Tensor& w, cons
   return exact < minibatch;
 }
 
-// reg_lambda at iteration t (0-based): 0 during the warm start.
-double lambda_at(const OptimizeOptions& opt, int64_t t) {
-  return t >= int64_t(opt.warm_start * double(opt.iterations)) ? opt.reg_lambda : 0.0;
-}
-
-// What changes between CUDA iterations, in device memory: the minibatch rows, drawn kRowChunk
-// iterations at a time, and each iteration's reg_lambda, beta and Adam bias corrections, read at a
-// counter that every iteration advances on the device. The iterations then enqueue the same work
-// with the same arguments, which is what a CUDA graph replays.
-class DeviceSchedule {
- public:
-  static constexpr int64_t kRowChunk = 1024;
-
-  DeviceSchedule(const OptimizeOptions& opt, int64_t samples, at::Device device) : samples_(samples) {
-    Tensor table = at::empty({opt.iterations, 4}, at::dtype(at::kDouble));
-    auto rows = table.accessor<double, 2>();
-    for (int64_t t = 0; t < opt.iterations; ++t) {
-      const AdamStep adam = adam_step_constants(opt.lr, kAdamBeta1, kAdamBeta2, kAdamEps, t + 1);
-      rows[t][0] = lambda_at(opt, t);
-      rows[t][1] = beta_at(opt, t);
-      rows[t][2] = adam.bias_correction1;
-      rows[t][3] = adam.bias_correction2_sqrt;
-    }
-    table_ = table.to(device);
-    rows_ = at::empty({kRowChunk, opt.batch_size}, at::dtype(at::kLong).device(device));
-    counter_ = at::zeros({1}, at::dtype(at::kLong).device(device));
-  }
-
-  // Before iteration t, on the host: the rows of the next kRowChunk iterations when t starts a chunk.
-  void draw_rows(int64_t t, at::Generator& gen) {
-    if (t % kRowChunk == 0) at::randint_out(rows_, samples_, rows_.sizes(), gen);
-  }
-  Tensor rows() const { return rows_.index_select(0, counter_.remainder(kRowChunk)).view(-1); }
-  Tensor scalars() const { return table_.index_select(0, counter_).view(-1); }  // float64 [4]
-  void advance() { counter_.add_(1); }
-
- private:
-  int64_t samples_;
-  Tensor table_;    // [iterations, 4]: reg_lambda, beta, 1 - beta1^t, sqrt(1 - beta2^t)
-  Tensor rows_;     // [kRowChunk, batch]
-  Tensor counter_;  // [1]: iterations done
-};
-
-// Restores cuDNN determinism and TF32 settings on scope exit.
+// Sets cuDNN determinism and the float32 precision of cuBLAS matmuls and cuDNN convolutions (TF32
+// or full IEEE) for the loop, and restores what the caller had on scope exit. Through the per-op
+// precision API only: PyTorch refuses to read the legacy allow_tf32 flags once a program has set
+// the per-op ones.
 class BackendFlagsGuard {
  public:
-  explicit BackendFlagsGuard(bool allow_tf32)
-      : deterministic_(ctx().deterministicCuDNN()), tf32_cublas_(ctx().allowTF32CuBLAS()),
-        tf32_cudnn_(ctx().allowTF32CuDNN()) {
+  explicit BackendFlagsGuard(bool allow_tf32) : deterministic_(ctx().deterministicCuDNN()) {
+    const auto precision = allow_tf32 ? at::Float32Precision::TF32 : at::Float32Precision::IEEE;
+    for (size_t k = 0; k < kOps.size(); ++k) {
+      saved_[k] = ctx().float32Precision(at::Float32Backend::CUDA, kOps[k]);
+      ctx().setFloat32Precision(at::Float32Backend::CUDA, kOps[k], precision);
+    }
     ctx().setDeterministicCuDNN(true);  // same seed + same device -> same result
-    ctx().setAllowTF32CuBLAS(allow_tf32);
-    ctx().setAllowTF32CuDNN(allow_tf32);
   }
   ~BackendFlagsGuard() {
     ctx().setDeterministicCuDNN(deterministic_);
-    ctx().setAllowTF32CuBLAS(tf32_cublas_);
-    ctx().setAllowTF32CuDNN(tf32_cudnn_);
+    for (size_t k = 0; k < kOps.size(); ++k) ctx().setFloat32Precision(at::Float32Backend::CUDA, kOps[k], saved_[k]);
   }
 
  private:
+  static constexpr std::array<at::Float32Op, 2> kOps{at::Float32Op::MATMUL, at::Float32Op::CONV};
   static at::Context& ctx() { return at::globalContext(); }
-  bool deterministic_, tf32_cublas_, tf32_cudnn_;
+  bool deterministic_;
+  std::array<at::Float32Precision, 2> saved_{};
 };
 
 }  // namespace
-
-double beta_at(const OptimizeOptions& opt, int64_t t) {
-  const double warm_end = opt.warm_start * double(opt.iterations);
-  const double span = std::max(1.0, double(opt.iterations) - warm_end);
-  const double progress = std::clamp((double(t) - warm_end) / span, 0.0, 1.0);
-  if (opt.schedule == "linear") return opt.beta_start + (opt.beta_end - opt.beta_start) * progress;
-  return opt.beta_end + 0.5 * (opt.beta_start - opt.beta_end) * (1.0 + std::cos(M_PI * progress));
-}
 
 OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>& bias, const LayerGrid& grid_args,
                               const Tensor& inputs, const Tensor& targets, const LayerGeometry& geometry,
@@ -498,10 +455,14 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
               opt.schedule, "'");
   TORCH_CHECK(opt.log_every >= 0, "log_every must be >= 0, got ", opt.log_every);
   const Activation act = parse_activation(opt.activation);
-  const Layer layer = check_layer(weight, bias, inputs, targets, geometry);
+  Layer layer = check_layer(weight, bias, inputs, targets, geometry);
   const int64_t n = inputs.size(0);
+  // Kernels go to the current device's streams: make that the weight's device (which need not be the
+  // current one) for the whole loop.
+  const c10::OptionalDeviceGuard on_weight_device(weight.device());
+  layer.cpu_paths = weight.is_cpu() && !emulation::enabled();
   const QuantGrid grid = make_grid(weight, grid_args.scale, grid_args.zero_point, grid_args.quant_min,
-                                   grid_args.quant_max, grid_args.axis);
+                                   grid_args.quant_max, grid_args.axis, GridValueCheck::kAlways);
   check_finite(inputs, "inputs");
   check_finite(targets, "targets");
   check_finite(weight, "weight");
@@ -534,21 +495,22 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
                            : swapped ? w.transpose(0, 1).contiguous()
                                      : w;
   ActiveWeights state(w_learned, grid.scale, grid.zero_point, grid.qmin, grid.qmax,
-                      swapped ? std::optional<int64_t>(0) : grid_args.axis, opt.pack_frozen);
+                      swapped ? std::optional<int64_t>(0) : grid_args.axis, opt.pack_frozen && layer.cpu_paths);
 
   const int64_t log_every = opt.log_every > 0 ? opt.log_every : std::max<int64_t>(1, opt.iterations / 100);
   Tensor loss_curve = at::zeros({(opt.iterations + log_every - 1) / log_every}, w.options().dtype(at::kFloat));
   const double norm = 1.0 / double(opt.batch_size * layer.positions);
 
-  // Minibatch indices are drawn where the caches are: on the device (no host sync), or on the host
-  // when the caches are streamed from pinned memory.
-  at::Generator gen = at::globalContext().defaultGenerator(inputs.device()).clone();
+  // Minibatch rows come from a CPU generator on every device, so a seed picks the same rows
+  // everywhere; a device loop copies them over kRowChunk iterations at a time (DeviceSchedule).
+  at::Generator gen = at::detail::getDefaultCPUGenerator().clone();
   gen.set_current_seed(uint64_t(opt.seed));
   const auto index_options = inputs.options().dtype(at::kLong);
   const bool streamed = inputs.device() != w.device();
-  // CUDA with the caches on the GPU: iterations read their rows and scalars from device memory.
+  // Caches on the loop's device, outside the CPU paths: iterations read their rows and scalars from
+  // memory (what a CUDA graph needs).
   std::optional<DeviceSchedule> device_schedule;
-  if (w.is_cuda() && !streamed) device_schedule.emplace(opt, n, w.device());
+  if (!layer.cpu_paths && !streamed) device_schedule.emplace(opt, n, w.device());
 
   // One iteration: dL/dW~ (minibatch or full data), the sampled loss when log_now, and the step.
   auto iterate = [&](int64_t t, bool log_now) {
@@ -608,32 +570,29 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
     }
   };
 
-#ifdef ADAROUND_WITH_CUDA
-  // Iterations that log run eagerly; the others replay one captured iteration.
-  bool use_graph = opt.cuda_graph && device_schedule.has_value();
-  std::optional<cuda::IterationGraph> graph;
-#endif
+  // Iterations that log run eagerly; the others replay one captured iteration. The graph exists
+  // from before the first iteration to after the last (see make_iteration_graph).
+  std::unique_ptr<IterationGraph> graph =
+      opt.cuda_graph && device_schedule.has_value() ? make_iteration_graph(w.device()) : nullptr;
+  bool captured = false;
   if (opt.on_progress) opt.on_progress(0, opt.iterations);
   for (int64_t t = 0; t < opt.iterations; ++t) {
     const bool log_now = t % log_every == 0;
     if (t > 0 && t % kRepackEvery == 0) state.repack();
     if (device_schedule && !exact) device_schedule->draw_rows(t, gen);
-#ifdef ADAROUND_WITH_CUDA
-    if (use_graph && !log_now && !graph) {
-      graph.emplace();
-      // The captured iteration takes everything that changes from device memory: t is not used.
-      use_graph = graph->capture([&] { iterate(t, false); });
+    if (graph && !log_now && !captured) {
+      // The captured iteration takes everything that changes from memory: t is not used.
+      captured = graph->capture([&] { iterate(t, false); });
+      if (!captured) graph.reset();
     }
-    if (use_graph && !log_now) {
+    if (captured && !log_now) {
       graph->replay();
     } else {
       iterate(t, log_now);
     }
-#else
-    iterate(t, log_now);
-#endif
     if (opt.on_progress) opt.on_progress(t + 1, opt.iterations);
   }
+  graph.reset();  // the caller's stream goes on after the iterations
 
   Tensor v = swapped ? state.v().transpose(0, 1).contiguous() : state.v();
   if (live_only) {

@@ -27,6 +27,14 @@ inline void check_reconstruction_args(const at::Tensor& pre, const at::Tensor& t
               pre.device());
 }
 
+// The operands of reconstruction_grad as its kernels walk them, element i of one at element i of
+// the other: two dense tensors with the same strides (e.g. both channels-last) as they are, so the
+// gradient keeps their layout; anything else as contiguous copies.
+inline std::pair<at::Tensor, at::Tensor> elementwise_operands(const at::Tensor& pre, const at::Tensor& target) {
+  if (pre.is_non_overlapping_and_dense() && pre.strides() == target.strides()) return {pre, target};
+  return {pre.contiguous(), target.contiguous()};
+}
+
 // Adam's constants for step `step` (counting from 1), bias corrections included.
 inline AdamStep adam_step_constants(double lr, double beta1, double beta2, double eps, int64_t step) {
   return AdamStep{lr, beta1, beta2, eps, 1.0 - std::pow(beta1, double(step)),
@@ -54,7 +62,7 @@ inline StepArgs check_step_args(const at::Tensor& v, const at::Tensor& exp_avg, 
                                   std::optional<int64_t> axis, double lr, double beta1, double beta2,
                                   double eps, int64_t step) {
   check_step_state(v, exp_avg, exp_avg_sq, soft_weight, grad, grid_base);
-  const QuantGrid grid = make_grid(v, scale, zero_point, quant_min, quant_max, axis, /*check_values=*/false);
+  const QuantGrid grid = make_grid(v, scale, zero_point, quant_min, quant_max, axis, GridValueCheck::kNever);
   TORCH_CHECK(step >= 1, "step counts from 1, got ", step);
   TORCH_CHECK(lr > 0 && eps > 0 && beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1,
               "Adam needs lr > 0, eps > 0 and betas in [0, 1); got lr=", lr, ", eps=", eps,
@@ -63,6 +71,15 @@ inline StepArgs check_step_args(const at::Tensor& v, const at::Tensor& exp_avg, 
   args.grid = grid;
   args.adam = adam_step_constants(lr, beta1, beta2, eps, step);
   return args;
+}
+
+// The per-iteration scalars of adam_rounding_step_scheduled_: float64 [4] (reg_lambda, beta,
+// 1 - beta1^t, sqrt(1 - beta2^t)), contiguous, on v's device.
+inline void check_schedule(const at::Tensor& schedule, const at::Tensor& v) {
+  TORCH_CHECK(schedule.device() == v.device(), "schedule is on ", schedule.device(), " but v is on ", v.device());
+  TORCH_CHECK(schedule.scalar_type() == at::kDouble && schedule.is_contiguous() && schedule.numel() == 4,
+              "schedule must be a contiguous float64 tensor of 4 values (reg_lambda, beta, 1 - beta1^t, "
+              "sqrt(1 - beta2^t)), got ", schedule.scalar_type(), " of shape ", schedule.sizes());
 }
 
 }  // namespace adaround

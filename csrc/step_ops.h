@@ -26,4 +26,13 @@ void adam_rounding_step_(at::Tensor& v, at::Tensor& exp_avg, at::Tensor& exp_avg
                          std::optional<int64_t> axis, double reg_lambda, double beta, double lr,
                          double beta1, double beta2, double eps, int64_t step);
 
+// adam_rounding_step_ with reg_lambda, beta and Adam's bias corrections (1 - beta1^t,
+// sqrt(1 - beta2^t)) read from `schedule`, a contiguous float64 [4] tensor on v's device: every
+// call has the same arguments, so a CUDA graph can replay it while the schedule advances in memory.
+void adam_rounding_step_scheduled_(at::Tensor& v, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                                   at::Tensor& soft_weight, const at::Tensor& grad_soft_weight,
+                                   const at::Tensor& grid_base, const at::Tensor& scale, const at::Tensor& zero_point,
+                                   int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis,
+                                   const at::Tensor& schedule, double lr, double beta1, double beta2, double eps);
+
 }  // namespace adaround::ops

@@ -91,8 +91,9 @@ def decided_nearest(v, mask):
     return torch.where(mask, torch.where(v >= 0, side, -side), v)
 
 
-# optimize_layer's minibatch convention: the rows of ROW_CHUNK iterations are drawn at once (on the
-# CPU the same sequence as one draw per iteration; on CUDA it lets the rows live on the device).
+# optimize_layer's minibatch convention: the rows come from a CPU generator seeded with `seed` on
+# every device, ROW_CHUNK iterations at a time (the same sequence as one draw per iteration; on a GPU
+# the chunk is copied over and lives in device memory).
 ROW_CHUNK = 1024
 
 
@@ -105,14 +106,14 @@ def adaround_loop(w, b, scale, zero_point, n, p, axis, inputs, targets, geometry
     """
     v = (init_v(w, scale, axis) if v_init is None else v_init).clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr)
-    gen = torch.Generator(device=w.device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     act = ACTIVATIONS[activation]
     positions = targets[0, 0].numel()
     warm = int(warm_start * iterations)
     losses = []
     for t in range(iterations):
         if t % ROW_CHUNK == 0:
-            rows = torch.randint(0, inputs.shape[0], (ROW_CHUNK, batch_size), generator=gen, device=w.device)
+            rows = torch.randint(0, inputs.shape[0], (ROW_CHUNK, batch_size), generator=gen).to(inputs.device)
         idx = rows[t % ROW_CHUNK]
         x, y = inputs[idx], targets[idx]
         pre = layer_forward(x, soft_quantize(w, v, scale, zero_point, n, p, axis), b, geometry)

@@ -4,6 +4,7 @@ import torch
 
 import adaround_ext as ae
 import reference as ref
+from conftest import needs_cuda
 
 ops = torch.ops.adaround
 
@@ -310,10 +311,22 @@ def test_bad_mode_and_missing_aux():
         ae.round_regularizer(torch.zeros(3), 0.5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_mismatched_devices():
     w = torch.randn(4, 4, device="cuda")
     with pytest.raises(RuntimeError, match="scale is on cpu but weight is on cuda"):
         ops.soft_quantize(w, torch.zeros(4, 4, device="cuda"), torch.ones(4), None, -8, 7, 0)
     with pytest.raises(RuntimeError, match="v is on cpu but weight is on cuda"):
         ops.soft_quantize(w, torch.zeros(4, 4), torch.ones(4, device="cuda"), None, -8, 7, 0)
+    # A CPU weight with a CUDA argument reaches the CUDA kernel: the check's message, not the guard's assert.
+    with pytest.raises(RuntimeError, match="v is on cuda:0 but weight is on cpu"):
+        ops.soft_quantize(torch.randn(4, 4), torch.zeros(4, 4, device="cuda"), torch.ones(4), None, -8, 7, 0)
+    with pytest.raises(RuntimeError, match="scale is on cuda:0 but weight is on cpu"):
+        ops.hard_quantize(torch.randn(4, 4), torch.ones(4, device="cuda"), None, -8, 7, 0)
+
+
+def test_float32_references_run_without_tf32():
+    """Tight float32 comparisons on a GPU need full-precision references: cuDNN convolutions default
+    to TF32 (conftest turns it off for the whole session; optimize_layer turns it off in its loop)."""
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"

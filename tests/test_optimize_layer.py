@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import adaround_ext as ae
 import reference as ref
+from conftest import cpu_paths, needs_cuda
 
 ops = torch.ops.adaround
 
@@ -102,7 +103,7 @@ def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
     opts = dict(iterations=50, batch_size=8, lr=1e-2, reg_lambda=0.05, warm_start=0.2, activation=activation, seed=3)
     _, _, v, curve, *_ = run(w, b, scale, zp, n, p, axis, x, t, geometry, mode="minibatch", log_every=1, **opts)
     v_init = None
-    if case is small_map_case and w.is_cpu:
+    if case is small_map_case and cpu_paths(w):
         # The CPU's unfolded path learns the live columns only and decides the dead ones (zero
         # gradient: the regulariser alone would only push them away from h = 1/2) as nearest.
         dead = ref.dead_weights(x, w, geometry)
@@ -130,7 +131,7 @@ def test_long_run_with_frozen_weights_matches_plain_pytorch(device, case):
     opts = dict(iterations=450, batch_size=8, lr=5e-2, reg_lambda=0.05, warm_start=0.2, activation="relu", seed=1)
     _, _, v, curve, *_ = run(w, b, scale, zp, n, p, axis, x, t, geometry, mode="minibatch", log_every=1, **opts)
     v_init = None
-    if case is small_map_case and w.is_cpu:
+    if case is small_map_case and cpu_paths(w):
         v_init = ref.decided_nearest(ref.init_v(w, scale, axis), ref.dead_weights(x, w, geometry))
     ref_v, ref_losses = ref.adaround_loop(w, b, scale, zp, n, p, axis, x, t, geometry, v_init=v_init, **opts)
     torch.testing.assert_close(curve.cpu().double(), ref_losses.double(), rtol=1e-6, atol=1e-7)
@@ -138,7 +139,7 @@ def test_long_run_with_frozen_weights_matches_plain_pytorch(device, case):
     saturated = v.abs() >= ref.SATURATED_V
     assert torch.equal(saturated, saturated & (ref_v.abs() >= ref.SATURATED_V))
     torch.testing.assert_close(v[~saturated], ref_v[~saturated], rtol=1e-8, atol=1e-8)
-    if w.is_cpu:  # packed out: the plain loop's momentum carried those V further out
+    if cpu_paths(w):  # packed out: the plain loop's momentum carried those V further out
         assert (ref_v.abs() > v.abs() + 1e-6)[saturated].any()
 
 
@@ -342,7 +343,7 @@ def test_linear_rejects_conv_arguments():
             batch_size=2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 def test_caches_on_another_device():
     a = _good()
     with pytest.raises(RuntimeError, match="inputs are on cpu but targets are on cuda"):
@@ -353,7 +354,7 @@ def test_caches_on_another_device():
             iterations=2, batch_size=2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_cuda
 @pytest.mark.parametrize("mode", ["exact", "minibatch"])
 def test_caches_streamed_from_pinned_host_memory(mode):
     """A CUDA weight with caches in pinned host memory: exact mode sees the same data as with device
@@ -386,3 +387,18 @@ def test_cuda_graph_gives_the_eager_result(device, case, mode, activation):
     for name, a, g in zip(("quantized_weight", "codes", "v", "loss_curve"), eager[:4], graphed[:4]):
         assert torch.equal(a, g), name
     assert graphed[6] == eager[6]
+
+
+def test_caller_float32_precision_settings_are_kept(device):
+    """The loop sets cuBLAS/cuDNN float32 precision for itself through PyTorch's per-op API and hands
+    the caller's settings back, whatever they were: a program that set TF32 per op (which makes PyTorch
+    refuse the legacy allow_tf32 flags) must still be able to run it."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    try:
+        matmul.fp32_precision, conv.fp32_precision = "tf32", "ieee"
+        w, b, scale, zp, n, p, axis, x, t, geometry = conv_case(device, "relu")
+        run(w, b, scale, zp, n, p, axis, x, t, geometry, iterations=5, activation="relu")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "ieee")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved

@@ -13,6 +13,7 @@ from adaround_ext import testbed
 from adaround_ext.folding import fold_batchnorm
 from adaround_ext.quantize import execution_order, following_activations
 from adaround_ext.scales import init_activation_grid
+from conftest import needs_cuda
 
 FAST = dict(iterations=200, lr=1e-2, num_samples=256, progress=False, device="cpu")
 
@@ -323,7 +324,7 @@ def test_cache_placement_choices():
         assert cache_location(config(placement), torch.device("cpu"), 10**15) == "device"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not ae.CUDA_COMPILED, reason="needs a CUDA device")
+@needs_cuda
 def test_caches_in_pinned_host_memory_are_streamed():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()

@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include "../device/emulation.h"
 #include "../grid.h"
 #include "../rounding_math.h"
 #include "cpu_loops.h"
@@ -221,13 +222,17 @@ Tensor init_v_cpu(const Tensor& weight, const Tensor& scale, std::optional<int64
 
 }  // namespace
 
+// Each op routes to the host emulation of its CUDA kernel while that is on (device/emulation.h).
 TORCH_LIBRARY_IMPL(adaround, CPU, m) {
-  m.impl("soft_quantize", &soft_quantize_cpu);
-  m.impl("soft_quantize_backward", &soft_quantize_backward_cpu);
-  m.impl("round_regularizer", &round_regularizer_cpu);
-  m.impl("round_regularizer_backward", &round_regularizer_backward_cpu);
-  m.impl("hard_quantize", &hard_quantize_cpu);
-  m.impl("init_v", &init_v_cpu);
+  using emulation::Rounding;
+  using emulation::Route;
+  m.impl("soft_quantize", &Route<&soft_quantize_cpu, &Rounding::soft_quantize>::call);
+  m.impl("soft_quantize_backward", &Route<&soft_quantize_backward_cpu, &Rounding::soft_quantize_backward>::call);
+  m.impl("round_regularizer", &Route<&round_regularizer_cpu, &Rounding::round_regularizer>::call);
+  m.impl("round_regularizer_backward",
+         &Route<&round_regularizer_backward_cpu, &Rounding::round_regularizer_backward>::call);
+  m.impl("hard_quantize", &Route<&hard_quantize_cpu, &Rounding::hard_quantize>::call);
+  m.impl("init_v", &Route<&init_v_cpu, &Rounding::init_v>::call);
 }
 
 }  // namespace adaround::cpu

@@ -3,6 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "../device/emulation.h"
 #include "../grid.h"
 #include "../rounding_math.h"
 #include "../step_checks.h"
@@ -18,11 +19,9 @@ Tensor reconstruction_grad_cpu(const Tensor& pre, const Tensor& target, c10::str
                                double norm) {
   const Activation act = parse_activation(std::string(activation));
   check_reconstruction_args(pre, target);
-  // Elementwise: two dense tensors with the same strides (e.g. both channels-last) are walked in
-  // memory order as they are, and the gradient gets their layout.
-  const bool same_layout = pre.is_non_overlapping_and_dense() && pre.strides() == target.strides();
-  const Tensor p = same_layout ? pre : pre.contiguous();
-  const Tensor t = same_layout ? target : target.contiguous();
+  const std::pair<Tensor, Tensor> operands = elementwise_operands(pre, target);
+  const Tensor& p = operands.first;
+  const Tensor& t = operands.second;
   Tensor grad = at::empty_like(p);
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "reconstruction_grad_cpu", [&] {
     const scalar_t* p_ptr = p.const_data_ptr<scalar_t>();
@@ -157,6 +156,24 @@ void adam_rounding_step_cpu(Tensor& v, Tensor& exp_avg, Tensor& exp_avg_sq, Tens
            [&](const auto& body) { for_each_channel_run(v.numel(), args.grid.inner, args.grid.channels, body); });
 }
 
+// The step with this iteration's reg_lambda, beta and bias corrections read from `schedule` (on the
+// CPU reading it costs nothing; the form exists for the loop that runs as on a GPU).
+void adam_rounding_step_scheduled_cpu(Tensor& v, Tensor& exp_avg, Tensor& exp_avg_sq, Tensor& soft_weight,
+                                      const Tensor& grad, const Tensor& grid_base, const Tensor& scale,
+                                      const Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                                      std::optional<int64_t> axis, const Tensor& schedule, double lr, double beta1,
+                                      double beta2, double eps) {
+  const StepArgs args = check_step_args(v, exp_avg, exp_avg_sq, soft_weight, grad, grid_base, scale, zero_point,
+                                        quant_min, quant_max, axis, lr, beta1, beta2, eps, /*step=*/1);
+  check_schedule(schedule, v);
+  const double* values = schedule.const_data_ptr<double>();
+  AdamStep adam = args.adam;
+  adam.bias_correction1 = values[2];
+  adam.bias_correction2_sqrt = values[3];
+  step_all(v, exp_avg, exp_avg_sq, grid_base, soft_weight, grad, nullptr, args.grid, values[0], values[1], adam,
+           [&](const auto& body) { for_each_channel_run(v.numel(), args.grid.inner, args.grid.channels, body); });
+}
+
 }  // namespace
 
 void adam_rounding_step_packed_(Tensor& v, Tensor& exp_avg, Tensor& exp_avg_sq, const Tensor& grid_base,
@@ -171,9 +188,14 @@ void adam_rounding_step_packed_(Tensor& v, Tensor& exp_avg, Tensor& exp_avg_sq, 
            [&](const auto& body) { for_each_listed_run(offsets, grid.channels, body); });
 }
 
+// Each op routes to the host emulation of its CUDA kernel while that is on (device/emulation.h).
 TORCH_LIBRARY_IMPL(adaround, CPU, m) {
-  m.impl("reconstruction_grad", &reconstruction_grad_cpu);
-  m.impl("adam_rounding_step_", &adam_rounding_step_cpu);
+  using emulation::Route;
+  using emulation::Step;
+  m.impl("reconstruction_grad", &Route<&reconstruction_grad_cpu, &Step::reconstruction_grad>::call);
+  m.impl("adam_rounding_step_", &Route<&adam_rounding_step_cpu, &Step::adam_rounding_step_>::call);
+  m.impl("adam_rounding_step_scheduled_",
+         &Route<&adam_rounding_step_scheduled_cpu, &Step::adam_rounding_step_scheduled_>::call);
 }
 
 }  // namespace adaround::cpu

@@ -1,7 +1,13 @@
 // The Python module adaround_ext._C. Importing it runs the TORCH_LIBRARY registrations of the
 // ops; the module itself only reports how it was built.
+#include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
+#include <memory>
+#include <string>
+
+#include "../device/emulation.h"
+#include "../iteration_graph.h"
 #include "../progress.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -16,4 +22,23 @@ PYBIND11_MODULE(_C, m) {
       "(iterations done, total) of the optimize_layer call running now (or of the last one)");
   m.def(
       "reset_optimize_progress", [] { adaround::progress::report(0, 0); }, "sets the progress counter to (0, 0)");
+  m.def("set_cuda_emulation", &adaround::emulation::set_enabled,
+        "routes the CPU ops to the host emulation of their CUDA kernels (csrc/device/emulation.h)");
+  m.def("cuda_emulation", &adaround::emulation::enabled, "whether the CUDA kernels are being emulated on the CPU");
+
+  // optimize_layer's iteration graph, for tests of capture and its fallback. While one exists the
+  // thread's current CUDA stream is the side stream its iterations run on.
+  pybind11::class_<adaround::IterationGraph, std::unique_ptr<adaround::IterationGraph>>(m, "_IterationGraph")
+      .def(
+          "capture",
+          [](adaround::IterationGraph& graph, const pybind11::function& iteration) {
+            torch::PyWarningHandler warnings;  // TORCH_WARN reaches Python's warnings
+            return graph.capture([iteration] { iteration(); });  // a replay may call it again
+          },
+          "records iteration() without running it; False (after a warning) where that failed")
+      .def("replay", &adaround::IterationGraph::replay);
+  m.def(
+      "_make_iteration_graph",
+      [](const std::string& device) { return adaround::make_iteration_graph(c10::Device(device)); },
+      "an iteration graph for the device, or None where none is recorded there");
 }

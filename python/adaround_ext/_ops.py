@@ -139,3 +139,9 @@ def _(pre_activation, target, activation, norm):
 def _(v, exp_avg, exp_avg_sq, soft_weight, grad_soft_weight, grid_base, scale, zero_point,
       quant_min, quant_max, axis, reg_lambda, beta, lr, beta1, beta2, eps, step):
     return None
+
+
+@torch.library.register_fake("adaround::adam_rounding_step_scheduled_")
+def _(v, exp_avg, exp_avg_sq, soft_weight, grad_soft_weight, grid_base, scale, zero_point,
+      quant_min, quant_max, axis, schedule, lr, beta1, beta2, eps):
+    return None

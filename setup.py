@@ -1,7 +1,8 @@
 """Builds adaround_ext._C with torch.utils.cpp_extension.
 
 CUDA sources are compiled whenever nvcc is found and torch is a CUDA build, with or without a GPU.
-Overrides: FORCE_CUDA=1 (fail if CUDA cannot be built), USE_CUDA=0 (CPU only).
+Overrides: FORCE_CUDA=1 (fail if CUDA cannot be built), USE_CUDA=0 (CPU only), ADAROUND_REGISTER_ONLY=1
+(install without building the extension).
 TORCH_CUDA_ARCH_LIST defaults to "9.0" to keep compile time bounded; set it for other GPUs.
 """
 import glob
@@ -62,7 +63,9 @@ setup(
     description="AdaRound post-training quantization as PyTorch C++/CUDA ops",
     package_dir={"": "python"},
     packages=find_packages("python"),
-    ext_modules=[extension()],
+    # ADAROUND_REGISTER_ONLY=1: an editable install that only registers the package (scripts/bootstrap.sh
+    # builds the extension in place first, so that it and later rebuilds share one ninja build directory).
+    ext_modules=[] if os.environ.get("ADAROUND_REGISTER_ONLY") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["adaround-quantize-resnet=adaround_ext.cli:main"]},
     python_requires=">=3.10",

@@ -96,6 +96,14 @@ void check_rounding_variable(const at::Tensor& weight, const at::Tensor& v, cons
               weight.scalar_type(), " weight, got ", v.scalar_type());
 }
 
+void check_soft_quantize_backward_args(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& v) {
+  check_rounding_variable(weight, v, "v");
+  TORCH_CHECK(grad_output.sizes() == weight.sizes(), "grad_output must have the shape of weight ", weight.sizes(),
+              ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.device() == weight.device(), "grad_output is on ", grad_output.device(),
+              " but weight is on ", weight.device());
+}
+
 void check_regularizer_args(const at::Tensor& v, double beta) {
   TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
               "v must be float32 or float64, got ", v.scalar_type());

@@ -39,6 +39,10 @@ QuantGrid make_grid(const at::Tensor& weight, const at::Tensor& scale,
 // Checks that `v` can hold the rounding variables of `weight` (same shape, device, compute dtype).
 void check_rounding_variable(const at::Tensor& weight, const at::Tensor& v, const char* name);
 
+// Checks soft_quantize_backward's arguments beyond the grid: v as check_rounding_variable, and
+// grad_output shaped like weight and on its device.
+void check_soft_quantize_backward_args(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& v);
+
 // Checks the round_regularizer arguments: V float32/float64, beta finite and >= 1.
 void check_regularizer_args(const at::Tensor& v, double beta);
 

@@ -17,7 +17,7 @@ void register_iteration_graph(c10::DeviceType type, IterationGraphFactory factor
 
 std::unique_ptr<IterationGraph> make_iteration_graph(c10::Device device) {
   const IterationGraphFactory factory = factories()[static_cast<size_t>(device.type())];
-  return factory != nullptr ? factory() : nullptr;
+  return factory != nullptr ? factory(device) : nullptr;
 }
 
 }  // namespace adaround

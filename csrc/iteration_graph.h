@@ -23,14 +23,15 @@ class IterationGraph {
   virtual void replay() = 0;
 };
 
-using IterationGraphFactory = std::unique_ptr<IterationGraph> (*)();
+using IterationGraphFactory = std::unique_ptr<IterationGraph> (*)(c10::Device);
 
 // For back ends, at static initialisation.
 void register_iteration_graph(c10::DeviceType type, IterationGraphFactory factory);
 
 // A new graph for `device`, or nullptr where no back end records graphs. Creating it may switch the
-// calling thread to the stream the iterations must run on (CUDA: a side stream that captures need),
-// until it is destroyed: create it before the first iteration and destroy it after the last.
+// calling thread to the stream the iterations must run on (CUDA: a side stream of `device`, which
+// captures need), until it is destroyed: create it before the first iteration and destroy it after
+// the last.
 std::unique_ptr<IterationGraph> make_iteration_graph(c10::Device device);
 
 }  // namespace adaround

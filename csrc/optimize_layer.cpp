@@ -581,8 +581,10 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
     if (t > 0 && t % kRepackEvery == 0) state.repack();
     if (device_schedule && !exact) device_schedule->draw_rows(t, gen);
     if (graph && !log_now && !captured) {
-      // The captured iteration takes everything that changes from memory: t is not used.
-      captured = graph->capture([&] { iterate(t, false); });
+      // The captured iteration takes everything that changes from memory; it is given no real t, so
+      // that a use of t would show as a difference from the eager loop (also in the emulation, whose
+      // replays run this closure again).
+      captured = graph->capture([&] { iterate(/*t=*/-1, false); });
       if (!captured) graph.reset();
     }
     if (captured && !log_now) {

@@ -28,7 +28,8 @@ __global__ void block_sums_kernel(int64_t numel, Term term, double* block_sums) 
   if (threadIdx.x == 0) block_sums[blockIdx.x] = sums[0];
 }
 
-static __global__ void sum_blocks_kernel(const double* block_sums, int64_t blocks, double* total) {
+template <typename Sum>
+__global__ void sum_blocks_kernel(const Sum* block_sums, int64_t blocks, Sum* total) {
   *total = device::sum_in_block_order(block_sums, blocks);
 }
 
@@ -58,7 +59,7 @@ struct CudaLaunch {
     block_sums_kernel<<<blocks, device::kThreadsPerBlock, 0, stream>>>(numel, term,
                                                                        block_sums.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sum_blocks_kernel<<<1, 1, 0, stream>>>(block_sums.const_data_ptr<double>(), blocks,
+    sum_blocks_kernel<double><<<1, 1, 0, stream>>>(block_sums.const_data_ptr<double>(), blocks,
                                            total.mutable_data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return total;

@@ -20,7 +20,8 @@ class CudaIterationGraph final : public IterationGraph {
   // device, after the work enqueued so far: a capture needs a stream other than the legacy default
   // one, and libraries that set up a workspace per stream on first use (cuBLAS, cuDNN) then do so in
   // the eager first iteration instead of inside the capture, where it would land in the graph's pool.
-  CudaIterationGraph() : caller_(at::cuda::getCurrentCUDAStream()), side_(at::cuda::getStreamFromPool()) {
+  explicit CudaIterationGraph(c10::DeviceIndex device)
+      : caller_(at::cuda::getCurrentCUDAStream(device)), side_(at::cuda::getStreamFromPool(false, device)) {
     at::cuda::CUDAEvent enqueued;
     enqueued.record(caller_);
     enqueued.block(side_);
@@ -60,12 +61,12 @@ class CudaIterationGraph final : public IterationGraph {
       C10_CUDA_CHECK(cudaGraphGetNodes(graph_->raw_cuda_graph(), nullptr, &nodes));
       TORCH_CHECK(nodes > 0, "the capture recorded no work on stream ", side_, " of ", side_.device());
       graph_->instantiate();
-    } catch (const c10::Error& e) {
-      (void)cudaGetLastError();  // the capture's error must not surface in a later, unrelated check
-      graph_.reset();
-      TORCH_WARN("optimize_layer: could not capture an iteration in a CUDA graph, running eagerly: ",
-                 e.what_without_backtrace());
-      return false;
+    } catch (const std::exception& e) {
+      // Any failure (a CUDA error, a library's own exception, a Python one from a test) means eager.
+      const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+      return abandon(c10_error != nullptr ? c10_error->what_without_backtrace() : e.what());
+    } catch (...) {
+      return abandon("unknown exception");
     }
     return true;
   }
@@ -76,6 +77,13 @@ class CudaIterationGraph final : public IterationGraph {
   }
 
  private:
+  bool abandon(const char* reason) {
+    (void)cudaGetLastError();  // the capture's error must not surface in a later, unrelated check
+    graph_.reset();
+    TORCH_WARN("optimize_layer: could not capture an iteration in a CUDA graph, running eagerly: ", reason);
+    return false;
+  }
+
   at::cuda::CUDAStream caller_;
   at::cuda::CUDAStream side_;
   std::optional<c10::cuda::CUDAStreamGuard> on_side_;
@@ -83,8 +91,10 @@ class CudaIterationGraph final : public IterationGraph {
 };
 
 const bool registered = [] {
-  register_iteration_graph(c10::DeviceType::CUDA,
-                           [] { return std::unique_ptr<IterationGraph>(new CudaIterationGraph); });
+  register_iteration_graph(c10::DeviceType::CUDA, [](c10::Device device) {
+    return std::unique_ptr<IterationGraph>(
+        new CudaIterationGraph(device.has_index() ? device.index() : c10::cuda::current_device()));
+  });
   return true;
 }();
 

@@ -40,11 +40,12 @@ PYCHECK
 fi
 
 # --- the extension -------------------------------------------------------------------------
+# Built in place (build/temp.*, incremental), then registered as an editable install without a second
+# build: pip's own build would use a throw-away directory and the next in-place build would redo it all.
+.venv/bin/python setup.py -q build_ext --inplace
 if ! .venv/bin/pip show -q adaround_ext >/dev/null 2>&1; then
-  echo "bootstrap: building adaround_ext (pip install -e)"
-  .venv/bin/pip install -q --no-build-isolation --no-deps -e .
-else
-  .venv/bin/python setup.py -q build_ext --inplace
+  echo "bootstrap: registering adaround_ext (pip install -e)"
+  ADAROUND_REGISTER_ONLY=1 .venv/bin/pip install -q --no-build-isolation --no-deps -e .
 fi
 
 # --- CMake library and GoogleTest suite ----------------------------------------------------

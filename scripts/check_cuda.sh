@@ -39,7 +39,8 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 echo "== deps"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /' |
   tee -a "$SUMMARY" || note "gpu: nvidia-smi not found"
-"$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| device', torch.cuda.is_available())" |
+"$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__,
+                                   '| cuda', torch.version.cuda, '| device', torch.cuda.is_available())" |
   tee -a "$SUMMARY"
 NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 [ -x "$NVCC" ] && note "nvcc: $("$NVCC" --version | tail -1)" || note "nvcc: MISSING (the build part fails)"

@@ -328,5 +328,5 @@ def test_mismatched_devices():
 def test_float32_references_run_without_tf32():
     """Tight float32 comparisons on a GPU need full-precision references: cuDNN convolutions default
     to TF32 (conftest turns it off for the whole session; optimize_layer turns it off in its loop)."""
-    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cuda.matmul.fp32_precision == "ieee"

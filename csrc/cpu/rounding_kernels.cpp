@@ -59,9 +59,7 @@ Tensor soft_quantize_backward_cpu(const Tensor& grad_output, const Tensor& weigh
                                   const Tensor& scale, const std::optional<Tensor>& zero_point,
                                   int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis) {
   const QuantGrid grid = make_grid(weight, scale, zero_point, quant_min, quant_max, axis);
-  check_rounding_variable(weight, v, "v");
-  TORCH_CHECK(grad_output.sizes() == weight.sizes(), "grad_output must have the shape of weight ",
-              weight.sizes(), ", got ", grad_output.sizes());
+  check_soft_quantize_backward_args(grad_output, weight, v);
   const Tensor w = weight.contiguous();
   const Tensor vc = v.contiguous();
   const Tensor g = grad_output.to(w.scalar_type()).contiguous();

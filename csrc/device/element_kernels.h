@@ -22,6 +22,12 @@ struct ChannelOf {
   C10_HOST_DEVICE int64_t operator()(int64_t i) const { return (i / inner) % channels; }
 };
 
+// The grid at one weight: its channel's scale and zero point, and floor(W/s) + z.
+template <typename T>
+struct GridPoint {
+  T scale, zero_point, base;
+};
+
 // A quantization grid as the kernels read it: one scale and zero point per channel.
 template <typename T>
 struct GridView {
@@ -29,6 +35,10 @@ struct GridView {
   const T* zero_point;
   T qmin, qmax;
   ChannelOf channel;
+  C10_HOST_DEVICE GridPoint<T> at(int64_t i, T weight) const {
+    const int64_t c = channel(i);
+    return {scale[c], zero_point[c], ScalarOps<T>::floor(weight / scale[c]) + zero_point[c]};
+  }
 };
 
 // W~ = s * (clip(floor(W/s) + z + h(V), n, p) - z). `scalar_t` is the weight's dtype, T the compute type.
@@ -39,10 +49,9 @@ struct SoftQuantizeElement {
   scalar_t* out;
   GridView<T> grid;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t c = grid.channel(i);
-    const T s = grid.scale[c], z = grid.zero_point[c];
-    const T base = ScalarOps<T>::floor(T(weight[i]) / s) + z;
-    out[i] = scalar_t(soft_quantize<T>(base, rectified_sigmoid<T>(v[i]), s, z, grid.qmin, grid.qmax));
+    const GridPoint<T> g = grid.at(i, T(weight[i]));
+    const T h = rectified_sigmoid<T>(v[i]);
+    out[i] = scalar_t(soft_quantize<T>(g.base, h, g.scale, g.zero_point, grid.qmin, grid.qmax));
   }
 };
 
@@ -55,12 +64,10 @@ struct SoftQuantizeBackwardElement {
   T* grad_v;
   GridView<T> grid;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t c = grid.channel(i);
-    const T s = grid.scale[c], z = grid.zero_point[c];
-    const T base = ScalarOps<T>::floor(T(weight[i]) / s) + z;
+    const GridPoint<T> g = grid.at(i, T(weight[i]));
     T h, dh;
     rectified_sigmoid_and_grad<T>(v[i], h, dh);
-    grad_v[i] = T(grad_output[i]) * soft_quantize_grad<T>(base, h, dh, s, grid.qmin, grid.qmax);
+    grad_v[i] = T(grad_output[i]) * soft_quantize_grad<T>(g.base, h, dh, g.scale, grid.qmin, grid.qmax);
   }
 };
 

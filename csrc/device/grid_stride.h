@@ -1,8 +1,9 @@
 // How a device kernel walks its elements, written once for the CUDA launch back end
 // (cuda/cuda_launch.cuh) and its host emulation (host_launch.h): which elements each thread of
 // each block visits, and the order in which a sum over them is added up. Both back ends run the
-// same order, so an emulated reduction adds the same terms in the same sequence as the device does
-// for the same grid size.
+// same order, so an emulated reduction adds its terms in the sequence the device does for the same
+// grid size. The terms themselves may differ in their last bits: the device's exp/log/pow and its
+// fused multiply-adds are not the host's.
 #pragma once
 
 #include <c10/macros/Macros.h>

@@ -25,7 +25,7 @@ class HostIterationGraph final : public IterationGraph {
 };
 
 const bool registered = [] {
-  register_iteration_graph(c10::DeviceType::CPU, [] {
+  register_iteration_graph(c10::DeviceType::CPU, [](c10::Device) {
     return enabled() ? std::unique_ptr<IterationGraph>(new HostIterationGraph) : nullptr;
   });
   return true;

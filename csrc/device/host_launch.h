@@ -17,8 +17,8 @@ namespace adaround::device {
 struct HostLaunch {
   // The device whose memory the kernels read: tensors handed to a launch must live there.
   static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
-  // Multiprocessors of the emulated device (an H200's), which set the grid size and with it the
-  // order of a reduction's additions.
+  // Multiprocessors of the emulated device (an H200's, whole), which set the grid size and with it
+  // the order of a reduction's additions; another GPU (or a MIG slice) adds in another order.
   static constexpr int64_t kMultiprocessors = 132;
 
   // Stands where the CUDA back end sets the current device: as CUDAGuard does for a non-CUDA

@@ -50,8 +50,9 @@ struct RoundingKernels {
     Tensor out = at::empty_like(w);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "soft_quantize", [&] {
       using T = opmath_t<scalar_t>;
-      Launch::elementwise(w.numel(), SoftQuantizeElement<scalar_t, T>{w.const_data_ptr<scalar_t>(), vc.const_data_ptr<T>(),
-                                                                      out.mutable_data_ptr<scalar_t>(), grid_view<T>(grid)});
+      Launch::elementwise(w.numel(),
+                          SoftQuantizeElement<scalar_t, T>{w.const_data_ptr<scalar_t>(), vc.const_data_ptr<T>(),
+                                                           out.mutable_data_ptr<scalar_t>(), grid_view<T>(grid)});
     });
     return out;
   }
@@ -60,11 +61,7 @@ struct RoundingKernels {
                                        const Tensor& scale, const std::optional<Tensor>& zero_point,
                                        int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis) {
     const QuantGrid grid = make_grid(weight, scale, zero_point, quant_min, quant_max, axis);
-    check_rounding_variable(weight, v, "v");
-    TORCH_CHECK(grad_output.sizes() == weight.sizes(), "grad_output must have the shape of weight ", weight.sizes(),
-                ", got ", grad_output.sizes());
-    TORCH_CHECK(grad_output.device() == weight.device(), "grad_output is on ", grad_output.device(),
-                " but weight is on ", weight.device());
+    check_soft_quantize_backward_args(grad_output, weight, v);
     [[maybe_unused]] const auto guard = on_device_of<Launch>(weight, "weight");
     const Tensor w = weight.contiguous();
     const Tensor vc = v.contiguous();
@@ -127,10 +124,14 @@ struct RoundingKernels {
       using T = opmath_t<scalar_t>;
       using weight_t = scalar_t;
       const T* aux_ptr = aux.defined() ? aux.const_data_ptr<T>() : nullptr;
-      // code_dtype gives int8 or uint8 only.
+      // code_dtype gives int8 or uint8 only; scalar_t below is the code type.
+      const auto launch = [&](auto code_tag) {
+        using code_t = decltype(code_tag);
+        launch_hard<weight_t, T, code_t>(w, aux_ptr, codes, dequantized, grid, mode);
+      };
       AT_DISPATCH_SWITCH(codes.scalar_type(), "hard_quantize_codes",
-                         AT_DISPATCH_CASE(at::kChar, [&] { launch_hard<weight_t, T, scalar_t>(w, aux_ptr, codes, dequantized, grid, mode); })
-                         AT_DISPATCH_CASE(at::kByte, [&] { launch_hard<weight_t, T, scalar_t>(w, aux_ptr, codes, dequantized, grid, mode); }));
+                         AT_DISPATCH_CASE(at::kChar, [&] { launch(scalar_t{}); })
+                         AT_DISPATCH_CASE(at::kByte, [&] { launch(scalar_t{}); }));
     });
     return {codes, dequantized};
   }

@@ -59,9 +59,9 @@ TEST(DeviceKernels, ChecksComeBeforeTheDeviceGuard) {
 // scalar) or named, never dereferenced where it is not.
 TEST(DeviceKernels, RegularizerBackwardTakesGradOutputFromAnotherDevice) {
   const torch::Tensor v = torch::randn({300}) * 3;
-  expect_error_naming(
-      [&] { Rounding::round_regularizer_backward(torch::ones({}, torch::TensorOptions().device(torch::kMeta)), v, 2.0); },
-      "grad_output is on meta but v is on cpu");
+  const torch::Tensor on_meta = torch::ones({}, torch::TensorOptions().device(torch::kMeta));
+  expect_error_naming([&] { Rounding::round_regularizer_backward(on_meta, v, 2.0); },
+                      "grad_output is on meta but v is on cpu");
   const torch::Tensor expected = Rounding::round_regularizer_backward(torch::full({}, 0.5), v, 2.0);
   const torch::Tensor from_double = Rounding::round_regularizer_backward(torch::full({1}, 0.5, torch::kDouble), v, 2.0);
   EXPECT_TRUE(torch::equal(expected, from_double));
@@ -116,7 +116,9 @@ void scheduled_run_matches_host_run() {
     Step::adam_rounding_step_(host[0], host[1], host[2], host[3], grad, base, scale, zp, -8, 7, 0,
                               adaround::lambda_at(opt, t), adaround::beta_at(opt, t), opt.lr, adaround::kAdamBeta1,
                               adaround::kAdamBeta2, adaround::kAdamEps, t + 1);
-    for (size_t k = 0; k < host.size(); ++k) ASSERT_TRUE(torch::equal(scheduled[k], host[k])) << "t=" << t << " k=" << k;
+    for (size_t k = 0; k < host.size(); ++k) {
+      ASSERT_TRUE(torch::equal(scheduled[k], host[k])) << "t=" << t << " k=" << k;
+    }
   }
   // The run decided some weights and crossed the warm start: the comparison covered both.
   EXPECT_TRUE((host[0].abs() >= adaround::kSaturatedV).any().item<bool>());

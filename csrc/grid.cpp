@@ -1,5 +1,7 @@
 #include "grid.h"
 
+#include <ATen/Dispatch.h>
+
 #include <cmath>
 
 namespace adaround {
@@ -68,21 +70,31 @@ QuantGrid make_grid(const at::Tensor& weight, const at::Tensor& scale,
   } else {
     grid.zero_point = at::zeros_like(grid.scale);
   }
-  const bool read_values = check_values == GridValueCheck::kAlways ||
-                           (check_values == GridValueCheck::kWhereFree && grid.scale.is_cpu());
-  if (read_values && grid.scale.numel() > 0) {
+  if (check_values == GridValueCheck::kNever || grid.scale.numel() == 0) return grid;
+  bool scale_ok = true, zero_point_ok = true;
+  if (grid.scale.is_cpu()) {
+    AT_DISPATCH_FLOATING_TYPES(grid.scale.scalar_type(), "make_grid", [&] {
+      const scalar_t* s = grid.scale.const_data_ptr<scalar_t>();
+      const scalar_t* z = grid.zero_point.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < grid.scale.numel(); ++c) {
+        scale_ok = scale_ok && s[c] > 0 && std::isfinite(s[c]);
+        zero_point_ok = zero_point_ok && z[c] >= quant_min && z[c] <= quant_max && z[c] == std::nearbyint(z[c]);
+      }
+    });
+  } else if (check_values == GridValueCheck::kAlways) {
     const auto& s = grid.scale;
     const auto& z = grid.zero_point;
-    // Both verdicts in one read: one host synchronisation where the grid is on a GPU.
+    // Both verdicts in one read: one host synchronisation.
     const at::Tensor verdicts =
         at::stack({at::logical_and(s > 0, at::isfinite(s)).all(),
                    at::logical_and(at::logical_and(z >= quant_min, z <= quant_max), at::eq(z, at::round(z))).all()})
             .cpu();
-    const bool* ok = verdicts.const_data_ptr<bool>();
-    TORCH_CHECK(ok[0], "scale must be positive and finite everywhere");
-    TORCH_CHECK(ok[1], "zero_point must hold integers inside [quant_min, quant_max] = [", quant_min, ", ", quant_max,
-                "]");
+    scale_ok = verdicts[0].item<bool>();
+    zero_point_ok = verdicts[1].item<bool>();
   }
+  TORCH_CHECK(scale_ok, "scale must be positive and finite everywhere");
+  TORCH_CHECK(zero_point_ok, "zero_point must hold integers inside [quant_min, quant_max] = [", quant_min, ", ",
+              quant_max, "]");
   return grid;
 }
 
@@ -94,6 +106,12 @@ void check_rounding_variable(const at::Tensor& weight, const at::Tensor& v, cons
   const auto expected = compute_dtype(weight.scalar_type());
   TORCH_CHECK(v.scalar_type() == expected, name, " must be ", expected, " for a ",
               weight.scalar_type(), " weight, got ", v.scalar_type());
+}
+
+void check_hard_quantize_weight(const at::Tensor& weight) {
+  // A NaN has no code (its conversion to an integer is undefined); an infinite weight would take the
+  // grid's end silently. Checked where reading is free.
+  if (weight.is_cpu()) TORCH_CHECK(at::isfinite(weight).all().item<bool>(), "weight contains NaN or Inf");
 }
 
 void check_soft_quantize_backward_args(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& v) {
@@ -115,11 +133,16 @@ at::Tensor rounding_aux(RoundingMode mode, const at::Tensor& weight, const std::
   if (mode == RoundingMode::kAdaptive) {
     TORCH_CHECK(v.has_value(), "mode='adaptive' needs v");
     check_rounding_variable(weight, *v, "v");
+    if (v->is_cpu()) TORCH_CHECK(!at::isnan(*v).any().item<bool>(), "v contains NaN");
     return v->contiguous();
   }
   if (mode == RoundingMode::kStochastic) {
     TORCH_CHECK(noise.has_value(), "mode='stochastic' needs noise (uniform samples in [0, 1))");
     check_rounding_variable(weight, *noise, "noise");
+    if (noise->is_cpu()) {
+      TORCH_CHECK(at::logical_and(*noise >= 0, *noise < 1).all().item<bool>(),
+                  "noise must hold uniform samples in [0, 1); some lie outside (or are NaN)");
+    }
     return noise->contiguous();
   }
   return at::Tensor();

@@ -39,6 +39,9 @@ QuantGrid make_grid(const at::Tensor& weight, const at::Tensor& scale,
 // Checks that `v` can hold the rounding variables of `weight` (same shape, device, compute dtype).
 void check_rounding_variable(const at::Tensor& weight, const at::Tensor& v, const char* name);
 
+// hard_quantize's weight holds no NaN or Inf (checked where that reading is free, CPU memory).
+void check_hard_quantize_weight(const at::Tensor& weight);
+
 // Checks soft_quantize_backward's arguments beyond the grid: v as check_rounding_variable, and
 // grad_output shaped like weight and on its device.
 void check_soft_quantize_backward_args(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& v);
@@ -47,7 +50,8 @@ void check_soft_quantize_backward_args(const at::Tensor& grad_output, const at::
 void check_regularizer_args(const at::Tensor& v, double beta);
 
 // The per-element input hard_quantize needs for `mode`: V (adaptive), the uniform noise
-// (stochastic), or an undefined tensor; checked against `weight` and made contiguous.
+// (stochastic), or an undefined tensor; checked against `weight` (and, in CPU memory, V for NaN and
+// the noise for [0, 1)) and made contiguous.
 at::Tensor rounding_aux(RoundingMode mode, const at::Tensor& weight, const std::optional<at::Tensor>& v,
                         const std::optional<at::Tensor>& noise);
 

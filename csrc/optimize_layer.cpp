@@ -87,11 +87,29 @@ void check_finite(const Tensor& t, const char* name) {
   TORCH_CHECK(at::isfinite(t).all().item<bool>(), name, " contains NaN or Inf");
 }
 
+// A run whose loss or V turned non-finite (finite inputs that overflow the working dtype, an extreme
+// reg_lambda) learned nothing: it stops with what happened instead of returning floor rounding.
+void check_finite_loss(double loss, int64_t t) {
+  TORCH_CHECK(std::isfinite(loss), "the loss became ", loss, " at iteration ", t, " (inputs, targets or weights "
+              "that overflow the working dtype, or a reg_lambda too large for it)");
+}
+
+// The same after the loop, for a device where reading the loss each time would stall it: one read.
+void check_finite_run(const Tensor& loss_curve, const Tensor& v, int64_t log_every) {
+  const Tensor bad = at::logical_not(at::isfinite(loss_curve)).nonzero();
+  if (bad.numel() > 0) {
+    const int64_t first = bad[0][0].item<int64_t>();
+    check_finite_loss(loss_curve[first].item<double>(), first * log_every);
+  }
+  TORCH_CHECK(at::isfinite(v).all().item<bool>(), "the rounding variables V became NaN or Inf");
+}
+
 Layer check_layer(const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& inputs,
                   const Tensor& targets, const LayerGeometry& geo) {
   TORCH_CHECK(weight.dim() >= 2 && weight.dim() <= 4,
               "weight must be 2-D (Linear), 3-D (Conv1d) or 4-D (Conv2d), got shape ", weight.sizes());
   TORCH_CHECK(weight.is_floating_point(), "weight must be floating point, got ", weight.scalar_type());
+  TORCH_CHECK(weight.numel() > 0, "weight of shape ", weight.sizes(), " has no elements: there is nothing to round");
   // Caches live with the weight, or in (pinned) host memory for a CUDA weight: then they are streamed.
   TORCH_CHECK(inputs.device() == targets.device(), "inputs are on ", inputs.device(), " but targets are on ",
               targets.device(), "; both caches must be on the same device");
@@ -448,8 +466,8 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
   TORCH_CHECK(opt.batch_size > 0, "batch_size must be > 0, got ", opt.batch_size);
   TORCH_CHECK(opt.lr > 0 && std::isfinite(opt.lr), "lr must be positive and finite, got ", opt.lr);
   TORCH_CHECK(opt.reg_lambda >= 0 && std::isfinite(opt.reg_lambda), "reg_lambda must be >= 0, got ", opt.reg_lambda);
-  TORCH_CHECK(opt.beta_start >= 1 && opt.beta_end >= 1, "beta_start and beta_end must be >= 1, got ",
-              opt.beta_start, " and ", opt.beta_end);
+  TORCH_CHECK(opt.beta_start >= 1 && opt.beta_end >= 1 && std::isfinite(opt.beta_start) && std::isfinite(opt.beta_end),
+              "beta_start and beta_end must be finite and >= 1, got ", opt.beta_start, " and ", opt.beta_end);
   TORCH_CHECK(opt.warm_start >= 0 && opt.warm_start < 1, "warm_start must be in [0, 1), got ", opt.warm_start);
   TORCH_CHECK(opt.schedule == "cosine" || opt.schedule == "linear", "schedule must be cosine or linear, got '",
               opt.schedule, "'");
@@ -560,6 +578,8 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
     if (log_now) {
       if (lambda > 0) loss = loss + lambda * state.regularizer(beta);
       loss_curve.select(0, t / log_every).copy_(loss);  // device-side copy: no host sync
+      // In CPU memory the sampled loss is free to read: stop at the first non-finite one.
+      if (loss.is_cpu()) check_finite_loss(loss.item<double>(), t);
     }
     if (swapped) grad_w = grad_w.transpose(0, 1).contiguous();
     if (device_schedule) {
@@ -595,6 +615,7 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
     if (opt.on_progress) opt.on_progress(t + 1, opt.iterations);
   }
   graph.reset();  // the caller's stream goes on after the iterations
+  check_finite_run(loss_curve, state.v(), log_every);
 
   Tensor v = swapped ? state.v().transpose(0, 1).contiguous() : state.v();
   if (live_only) {

@@ -27,8 +27,10 @@ struct ScalarOps {
   static C10_HOST_DEVICE T floor(T x) { return std::floor(x); }
   static C10_HOST_DEVICE T nearest(T x) { return std::nearbyint(x); }  // half to even, as torch.round
   static C10_HOST_DEVICE T pow(T x, T y) { return std::pow(x, y); }
-  static C10_HOST_DEVICE T min(T a, T b) { return a < b ? a : b; }
-  static C10_HOST_DEVICE T max(T a, T b) { return a > b ? a : b; }
+  // A NaN first argument comes back (as from at::vec::minimum/maximum on the SIMD path): a NaN V
+  // or weight shows in the result instead of being clipped to a bound.
+  static C10_HOST_DEVICE T min(T a, T b) { return b < a ? b : a; }
+  static C10_HOST_DEVICE T max(T a, T b) { return a < b ? b : a; }
   static C10_HOST_DEVICE T select(Mask m, T if_true, T if_false) { return m ? if_true : if_false; }
   static C10_HOST_DEVICE Mask both(Mask a, Mask b) { return a && b; }
   static C10_HOST_DEVICE Mask either(Mask a, Mask b) { return a || b; }

@@ -1,6 +1,9 @@
 // Argument checks of the step ops, shared by the CPU and CUDA kernels.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
+#include <c10/core/InferenceMode.h>
+
 #include "grid.h"
 
 namespace adaround {
@@ -41,7 +44,10 @@ inline AdamStep adam_step_constants(double lr, double beta1, double beta2, doubl
                   std::sqrt(1.0 - std::pow(beta2, double(step)))};
 }
 
-// The per-weight tensors of a step: V float32/float64 and contiguous, the others laid out as V.
+// The per-weight tensors of a step: V float32/float64 and contiguous, the others laid out as V; the
+// four it writes in place share no memory with each other or with the two it reads (a kernel that
+// reads one element's state while another thread writes it would update V from the wrong values),
+// and none of them is a tensor autograd or inference mode guards against in-place updates.
 inline void check_step_state(const at::Tensor& v, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                              const at::Tensor& soft_weight, const at::Tensor& grad, const at::Tensor& grid_base) {
   TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
@@ -52,9 +58,34 @@ inline void check_step_state(const at::Tensor& v, const at::Tensor& exp_avg, con
   check_same_layout(v, soft_weight, "soft_weight");
   check_same_layout(v, grad, "grad_soft_weight");
   check_same_layout(v, grid_base, "grid_base");
+  const std::pair<const at::Tensor*, const char*> written[] = {
+      {&v, "v"}, {&exp_avg, "exp_avg"}, {&exp_avg_sq, "exp_avg_sq"}, {&soft_weight, "soft_weight"}};
+  const std::pair<const at::Tensor*, const char*> read[] = {{&grad, "grad_soft_weight"}, {&grid_base, "grid_base"}};
+  for (size_t i = 0; i < 4; ++i) {
+    const auto& [t, name] = written[i];
+    TORCH_CHECK(!t->requires_grad(), name, " requires grad; the step updates it in place: pass a tensor that "
+                "does not (e.g. ", name, ".detach())");
+    TORCH_CHECK(!t->is_inference() || c10::InferenceMode::is_enabled(), name,
+                " is an inference tensor, which may be updated in place only inside torch.inference_mode()");
+    for (size_t j = i + 1; j < 4; ++j) {
+      TORCH_CHECK(at::get_overlap_status(*t, *written[j].first) == at::MemOverlapStatus::No, name, " and ",
+                  written[j].second, " share memory; the step writes both");
+    }
+    for (const auto& [r, read_name] : read) {
+      TORCH_CHECK(at::get_overlap_status(*t, *r) == at::MemOverlapStatus::No, name, " and ", read_name,
+                  " share memory; the step writes ", name, " while reading ", read_name);
+    }
+  }
 }
 
-// Validates the adam_rounding_step_ arguments (no host sync) and derives the grid and the Adam constants.
+// The regulariser's weight and exponent of one step: finite, reg_lambda >= 0 and beta >= 1.
+inline void check_step_regularizer(double reg_lambda, double beta) {
+  TORCH_CHECK(std::isfinite(reg_lambda) && reg_lambda >= 0, "reg_lambda must be finite and >= 0, got ", reg_lambda);
+  TORCH_CHECK(std::isfinite(beta) && beta >= 1, "beta must be finite and >= 1, got ", beta);
+}
+
+// Validates the adam_rounding_step_ arguments (the grid's values where they are in CPU memory; no host
+// sync) and derives the grid and the Adam constants.
 inline StepArgs check_step_args(const at::Tensor& v, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                                   const at::Tensor& soft_weight, const at::Tensor& grad,
                                   const at::Tensor& grid_base, const at::Tensor& scale,
@@ -62,9 +93,10 @@ inline StepArgs check_step_args(const at::Tensor& v, const at::Tensor& exp_avg, 
                                   std::optional<int64_t> axis, double lr, double beta1, double beta2,
                                   double eps, int64_t step) {
   check_step_state(v, exp_avg, exp_avg_sq, soft_weight, grad, grid_base);
-  const QuantGrid grid = make_grid(v, scale, zero_point, quant_min, quant_max, axis, GridValueCheck::kNever);
+  const QuantGrid grid = make_grid(v, scale, zero_point, quant_min, quant_max, axis);
   TORCH_CHECK(step >= 1, "step counts from 1, got ", step);
-  TORCH_CHECK(lr > 0 && eps > 0 && beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1,
+  TORCH_CHECK(lr > 0 && eps > 0 && beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1 && std::isfinite(lr) &&
+                  std::isfinite(eps),
               "Adam needs lr > 0, eps > 0 and betas in [0, 1); got lr=", lr, ", eps=", eps,
               ", betas=(", beta1, ", ", beta2, ")");
   StepArgs args;

@@ -172,6 +172,7 @@ std::tuple<Tensor, Tensor> hard_quantize_cpu(const Tensor& weight, const Tensor&
   const RoundingMode mode = parse_rounding_mode(std::string(mode_name));
   const Tensor w = weight.contiguous();
   const Tensor aux = rounding_aux(mode, weight, v, noise);
+  check_hard_quantize_weight(weight);
   Tensor codes = at::empty(w.sizes(), w.options().dtype(code_dtype(quant_min, quant_max)));
   Tensor dequant = at::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "hard_quantize_cpu", [&] {

@@ -152,6 +152,7 @@ void adam_rounding_step_cpu(Tensor& v, Tensor& exp_avg, Tensor& exp_avg_sq, Tens
                             double beta1, double beta2, double eps, int64_t step) {
   const StepArgs args = check_step_args(v, exp_avg, exp_avg_sq, soft_weight, grad, grid_base, scale,
                                         zero_point, quant_min, quant_max, axis, lr, beta1, beta2, eps, step);
+  check_step_regularizer(reg_lambda, beta);
   step_all(v, exp_avg, exp_avg_sq, grid_base, soft_weight, grad, nullptr, args.grid, reg_lambda, beta, args.adam,
            [&](const auto& body) { for_each_channel_run(v.numel(), args.grid.inner, args.grid.channels, body); });
 }

@@ -116,6 +116,7 @@ struct RoundingKernels {
     const QuantGrid grid = make_grid(weight, scale, zero_point, quant_min, quant_max, axis);
     const RoundingMode mode = parse_rounding_mode(std::string(mode_name));
     const Tensor aux = rounding_aux(mode, weight, v, noise);
+    check_hard_quantize_weight(weight);
     [[maybe_unused]] const auto guard = on_device_of<Launch>(weight, "weight");
     const Tensor w = weight.contiguous();
     Tensor codes = at::empty(w.sizes(), w.options().dtype(code_dtype(quant_min, quant_max)));

@@ -44,6 +44,7 @@ struct StepKernels {
                                   double beta1, double beta2, double eps, int64_t step) {
     const StepArgs args = check_step_args(v, exp_avg, exp_avg_sq, soft_weight, grad, grid_base, scale, zero_point,
                                           quant_min, quant_max, axis, lr, beta1, beta2, eps, step);
+    check_step_regularizer(reg_lambda, beta);
     [[maybe_unused]] const auto guard = on_device_of<Launch>(v, "v");
     const StepSchedule schedule{reg_lambda, beta, args.adam.bias_correction1, args.adam.bias_correction2_sqrt};
     launch_step(v, exp_avg, exp_avg_sq, soft_weight, grad, grid_base, args.grid, args.adam, ScheduleArgument{schedule});

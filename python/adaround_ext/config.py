@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
+
+import torch
 
 ROUNDINGS = ("adaround", "nearest", "floor", "ceil", "stochastic")
 SCALE_METHODS = ("minmax", "mse")
@@ -11,6 +14,8 @@ LOSS_ACTIVATIONS = ("auto", "none", "relu", "relu6")
 MODES = ("minibatch", "exact", "auto")
 SCHEDULES = ("cosine", "linear")
 CACHE_PLACEMENTS = ("auto", "device", "host")
+# The Python types each annotation admits (bool is an int to Python, never a count here).
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
 
 @dataclass
@@ -55,6 +60,7 @@ class QuantConfig:
         self.validate()
 
     def validate(self) -> None:
+        self._validate_types()
         for name in ("weight_bits", "activation_bits", "first_layer_bits", "last_layer_bits"):
             bits = getattr(self, name)
             if bits is None and name != "weight_bits":
@@ -71,6 +77,22 @@ class QuantConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.warm_start < 1:
             raise ValueError(f"warm_start must be in [0, 1), got {self.warm_start}")
+
+    def _validate_types(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            kind = field.type
+            optional = kind.startswith("Optional[")
+            kind = kind[len("Optional["):-1] if optional else kind
+            if value is None and optional:
+                continue
+            if field.name == "device" and isinstance(value, torch.device):
+                continue
+            if (kind != "bool" and isinstance(value, bool)) or not isinstance(value, _TYPES[kind]):
+                raise TypeError(f"QuantConfig.{field.name} must be {kind}{' or None' if optional else ''}, got "
+                                f"{value!r} ({type(value).__name__})")
+            if kind == "float" and not math.isfinite(value):
+                raise ValueError(f"QuantConfig.{field.name} must be finite, got {value!r}")
 
     def layer_bits(self, index: int, count: int) -> int:
         if index == 0 and self.first_layer_bits is not None:

@@ -40,10 +40,17 @@ def optimize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], scale: to
     as_device = lambda t: None if t is None else t.detach().to(device)
     bar = _iteration_bar(progress, options.get("iterations", 10000)) if progress else contextlib.nullcontext()
     with bar:
-        out = torch.ops.adaround.optimize_layer(
-            weight.detach(), as_device(bias), as_device(scale), as_device(zero_point), int(quant_min),
-            int(quant_max), axis, inputs, targets, list(stride), list(padding), list(dilation), int(groups),
-            transposed=bool(transposed), output_padding=list(output_padding), **options)
+        try:
+            out = torch.ops.adaround.optimize_layer(
+                weight.detach(), as_device(bias), as_device(scale), as_device(zero_point), int(quant_min),
+                int(quant_max), axis, inputs, targets, list(stride), list(padding), list(dilation), int(groups),
+                transposed=bool(transposed), output_padding=list(output_padding), **options)
+        except RuntimeError:
+            # The loop polls Python's signal handlers and stops when one raised (Ctrl-C): raise that.
+            interrupt = _C.take_interrupt()
+            if interrupt is not None:
+                raise interrupt from None
+            raise
     return LayerResult(*out)
 
 

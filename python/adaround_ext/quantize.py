@@ -291,13 +291,16 @@ def _quantize_layer(caches, name, module, kind, bits, index, activations, config
                  (inputs.numel() + targets.numel()) * 4 / 2**20,
                  ", streamed to the GPU per minibatch" if inputs.device != device else "")
         t_opt = time.perf_counter()
-        result = optimize_layer(weight, module.bias, scale, zero_point, n, p, axis, inputs, targets,
-                                **geometry(module), transposed=is_transposed(kind), iterations=config.iterations,
-                                batch_size=config.batch_size,
-                                lr=config.lr, reg_lambda=config.reg_lambda, beta_start=config.beta_start,
-                                beta_end=config.beta_end, warm_start=config.warm_start, schedule=config.schedule,
-                                activation=activation, mode=config.mode, seed=seed, cuda_graph=config.cuda_graph,
-                                progress=name if config.progress else None)
+        try:
+            result = optimize_layer(weight, module.bias, scale, zero_point, n, p, axis, inputs, targets,
+                                    **geometry(module), transposed=is_transposed(kind), iterations=config.iterations,
+                                    batch_size=config.batch_size, lr=config.lr, reg_lambda=config.reg_lambda,
+                                    beta_start=config.beta_start, beta_end=config.beta_end,
+                                    warm_start=config.warm_start, schedule=config.schedule, activation=activation,
+                                    mode=config.mode, seed=seed, cuda_graph=config.cuda_graph,
+                                    progress=name if config.progress else None)
+        except RuntimeError as exc:
+            raise RuntimeError(f"layer {name}: {exc}") from exc
         report.seconds = time.perf_counter() - t_opt
         codes = result.codes
         report.mode = "exact" if result.exact_mode else "minibatch"

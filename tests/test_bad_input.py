@@ -210,3 +210,107 @@ def test_quant_config_types(field, value, error):
     with pytest.raises(error, match=f"QuantConfig.{field} must be"):
         ae.QuantConfig(**{field: value})
     ae.QuantConfig(device=torch.device("cpu"), lr=1, first_layer_bits=None)  # ints for floats, devices are fine
+
+
+# ---- save, load and checkpoints ---------------------------------------------------------------
+
+def small_net(extra=False):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+              nn.Flatten(), nn.Linear(8 * 6 * 6, 5)]
+    # extra: one more layer after the same ones (as resnet34 holds every layer name of resnet18).
+    model = nn.Sequential(*layers, *([nn.Linear(5, 5)] if extra else []))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+FAST = dict(iterations=30, batch_size=8, num_samples=32, progress=False, activation_bits=None, device="cpu")
+
+
+def quantized_small_net(tmp_path):
+    samples = torch.randn(32, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    return ae.quantize(small_net(), samples, ae.QuantConfig(rounding="nearest", **FAST)), samples
+
+
+def test_load_into_another_architecture_fails_naming_the_layers(tmp_path):
+    """Was: loaded, leaving the layers the file lacks with random float weights."""
+    q, _ = quantized_small_net(tmp_path)
+    path = str(tmp_path / "q.pt")
+    ae.save_quantized(q, path)
+    with pytest.raises(ValueError, match=r"no quantized weights for the model's layers \['7'\]"):
+        ae.load_quantized(small_net(extra=True), path)
+
+
+def test_save_load_save_load_keeps_the_folded_batchnorm(tmp_path):
+    """Was: the second save lost the folded-BN list, and the BN came back (output changed)."""
+    q, samples = quantized_small_net(tmp_path)
+    first, second = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
+    ae.save_quantized(q, first)
+    once = ae.load_quantized(small_net(), first)
+    ae.save_quantized(once, second)
+    twice = ae.load_quantized(small_net(), second)
+    assert isinstance(twice[1], nn.Identity)
+    torch.testing.assert_close(twice(samples), once(samples), rtol=0, atol=0)
+    torch.testing.assert_close(once(samples), q(samples), rtol=0, atol=0)
+
+
+def test_damaged_or_foreign_checkpoint_layers_are_recomputed(tmp_path, caplog):
+    """Was: a layer file with changed payload bytes, or one copied in from another run, was loaded as it was."""
+    samples = torch.randn(32, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    config = ae.QuantConfig(**FAST)
+    ckpt = tmp_path / "ckpt"
+    fresh = ae.quantize(small_net(), samples, config, checkpoint_dir=str(ckpt))
+    layer_file = ckpt / "layer.3.pt"
+    data = bytearray(layer_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    layer_file.write_bytes(bytes(data))
+    other = tmp_path / "other"
+    ae.quantize(small_net(), samples * 2, config, checkpoint_dir=str(other))
+    (ckpt / "layer.0.pt").write_bytes((other / "layer.0.pt").read_bytes())
+    (ckpt / "layer.6.pt").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="adaround_ext"):
+        resumed = ae.quantize(small_net(), samples, config, checkpoint_dir=str(ckpt))
+    for name in ("layer.3.pt", "layer.0.pt", "layer.6.pt"):
+        assert any(name in r.getMessage() and "recomputed" in r.getMessage() for r in caplog.records), name
+    torch.testing.assert_close(resumed(samples), fresh(samples), rtol=0, atol=0)
+
+
+def test_two_writers_of_one_checkpoint_directory(tmp_path):
+    """Was: one writer died on the other's temporary file (a shared '.tmp' name)."""
+    import threading
+
+    from adaround_ext.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(str(tmp_path), "key")
+    errors = []
+
+    def write():
+        try:
+            for _ in range(20):
+                ckpt.save("conv", {"codes": torch.zeros(100)}, {"name": "conv"})
+        except Exception as exc:  # noqa: BLE001 (the test reports any)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert ckpt.load("conv")["report"] == {"name": "conv"}
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_meta_tensors_mixed_with_real_ones():
+    """Was: uninitialised memory back (the meta kernel answered for the CPU tensors)."""
+    w, v, scale = torch.randn(4, 5), torch.zeros(4, 5), torch.full((4,), 0.1)
+    with pytest.raises(RuntimeError, match="v is on meta but weight is on cpu"):
+        ops.soft_quantize(w, v.to("meta"), scale, None, -8, 7, 0)
+    with pytest.raises(RuntimeError, match="scale is on cpu but weight is on meta"):
+        ops.hard_quantize(w.to("meta"), scale, None, -8, 7, 0)
+    state, grad, base, scale, zp = step_args()
+    with pytest.raises(RuntimeError, match="exp_avg is on cpu but v is on meta"):
+        step([state[0].to("meta"), *state[1:]], grad, base, scale, zp)
+    assert ops.soft_quantize(w.to("meta"), v.to("meta"), scale.to("meta"), None, -8, 7, 0).device.type == "meta"

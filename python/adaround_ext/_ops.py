@@ -57,15 +57,25 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---- fake kernels: shapes and dtypes only, so the ops trace under torch.compile -------------
+# They also serve the meta device, where a call that mixes meta and real tensors lands: the devices
+# are checked, as the real kernels check them.
+
+def _same_device(first_name, first, **others):
+    for name, t in others.items():
+        if t is not None:
+            torch._check(t.device == first.device, lambda: f"{name} is on {t.device} but {first_name} is on "
+                                                           f"{first.device}")
 
 @torch.library.register_fake("adaround::soft_quantize")
 def _(weight, v, scale, zero_point, quant_min, quant_max, axis=None):
+    _same_device("weight", weight, v=v, scale=scale, zero_point=zero_point)
     torch._check(v.shape == weight.shape, lambda: "v must have the shape of weight")
     return torch.empty_like(weight)
 
 
 @torch.library.register_fake("adaround::soft_quantize_backward")
 def _(grad_output, weight, v, scale, zero_point, quant_min, quant_max, axis=None):
+    _same_device("weight", weight, grad_output=grad_output, v=v, scale=scale, zero_point=zero_point)
     return torch.empty_like(v)
 
 
@@ -85,12 +95,14 @@ def _code_dtype(quant_min: int, quant_max: int) -> torch.dtype:
 
 @torch.library.register_fake("adaround::hard_quantize")
 def _(weight, scale, zero_point, quant_min, quant_max, axis=None, mode="nearest", v=None, noise=None):
+    _same_device("weight", weight, scale=scale, zero_point=zero_point, v=v, noise=noise)
     codes = torch.empty(weight.shape, dtype=_code_dtype(quant_min, quant_max), device=weight.device)
     return codes, torch.empty_like(weight)
 
 
 @torch.library.register_fake("adaround::init_v")
 def _(weight, scale, axis=None):
+    _same_device("weight", weight, scale=scale)
     return torch.empty(weight.shape, dtype=_compute_dtype(weight.dtype), device=weight.device)
 
 
@@ -132,16 +144,22 @@ torch.library.register_autograd("adaround::round_regularizer", _regularizer_back
 
 @torch.library.register_fake("adaround::reconstruction_grad")
 def _(pre_activation, target, activation, norm):
+    _same_device("pre_activation", pre_activation, target=target)
     return torch.empty_like(pre_activation)
 
 
 @torch.library.register_fake("adaround::adam_rounding_step_")
 def _(v, exp_avg, exp_avg_sq, soft_weight, grad_soft_weight, grid_base, scale, zero_point,
       quant_min, quant_max, axis, reg_lambda, beta, lr, beta1, beta2, eps, step):
+    _same_device("v", v, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, soft_weight=soft_weight,
+                 grad_soft_weight=grad_soft_weight, grid_base=grid_base, scale=scale, zero_point=zero_point)
     return None
 
 
 @torch.library.register_fake("adaround::adam_rounding_step_scheduled_")
 def _(v, exp_avg, exp_avg_sq, soft_weight, grad_soft_weight, grid_base, scale, zero_point,
       quant_min, quant_max, axis, schedule, lr, beta1, beta2, eps):
+    _same_device("v", v, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, soft_weight=soft_weight,
+                 grad_soft_weight=grad_soft_weight, grid_base=grid_base, scale=scale, zero_point=zero_point,
+                 schedule=schedule)
     return None

@@ -2,13 +2,33 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
+import uuid
 from typing import Optional
 
 import torch
 
 MANIFEST = "manifest.json"
+LAYER_FORMAT = "adaround_ext/layer/2"
+log = logging.getLogger("adaround_ext")
+
+
+def _atomic_write(path: str, write) -> None:
+    """write(f) into a temporary file of this writer alone, then renamed over `path`: an interrupted
+    write never leaves a half-written file, and two writers never share a temporary name."""
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(f"cannot write the checkpoint file {path!r}: {exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _result_settings(config) -> bytes:
@@ -34,8 +54,13 @@ def fingerprint(model: torch.nn.Module, samples: torch.Tensor, config) -> str:
 
 
 class Checkpoint:
+    """One file per finished layer. Each holds the run's fingerprint and a SHA-256 of its payload: a
+    file that was damaged, truncated or copied in from another run is not trusted; its layer is
+    recomputed, and the log says why."""
+
     def __init__(self, directory: str, key: str):
         self.directory = directory
+        self.key = key
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, MANIFEST)
         if os.path.exists(path):
@@ -52,17 +77,30 @@ class Checkpoint:
 
     @staticmethod
     def _write_json(path, data):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
+        _atomic_write(path, lambda f: f.write(json.dumps(data).encode()))
 
     def load(self, name: str) -> Optional[dict]:
+        """The saved {"state", "report"} of layer `name`, or None (not saved, or not trusted: see the log)."""
         path = self._layer_path(name)
-        return torch.load(path, weights_only=False) if os.path.exists(path) else None
+        if not os.path.exists(path):
+            return None
+        try:
+            outer = torch.load(path, weights_only=False, map_location="cpu")
+            if not isinstance(outer, dict) or outer.get("format") != LAYER_FORMAT:
+                raise ValueError("not a layer checkpoint of this version")
+            if outer.get("fingerprint") != self.key or outer.get("layer") != name:
+                raise ValueError("it belongs to another run or layer")
+            if hashlib.sha256(outer["payload"]).hexdigest() != outer.get("sha256"):
+                raise ValueError("its content does not match its SHA-256")
+            return torch.load(io.BytesIO(outer["payload"]), weights_only=False, map_location="cpu")
+        except Exception as exc:  # anything unreadable is recomputed, not trusted
+            log.warning("checkpoint %s is not used (%s); layer %s is recomputed", path, exc, name)
+            return None
 
     def save(self, name: str, state: dict, report: dict) -> None:
-        path = self._layer_path(name)
-        tmp = path + ".tmp"
-        torch.save({"state": state, "report": report}, tmp)
-        os.replace(tmp, path)  # atomic: an interrupted save never leaves a half-written layer
+        buffer = io.BytesIO()
+        torch.save({"state": state, "report": report}, buffer)
+        payload = buffer.getvalue()
+        outer = {"format": LAYER_FORMAT, "fingerprint": self.key, "layer": name, "payload": payload,
+                 "sha256": hashlib.sha256(payload).hexdigest()}
+        _atomic_write(self._layer_path(name), lambda f: torch.save(outer, f))

@@ -47,7 +47,12 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
         raise ValueError(f"{path!r} is not an adaround_ext quantized model ({FORMAT})")
     model = copy.deepcopy(model).eval()
     for name in saved["folded_batchnorm"]:
+        try:
+            model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"{path!r} folded a BatchNorm {name!r} that the model does not have") from exc
         set_submodule(model, name, nn.Identity())
+    model.adaround_folded_batchnorm = list(saved["folded_batchnorm"])  # a later save_quantized keeps them
     for name, state in saved["layers"].items():
         try:
             original = model.get_submodule(name)
@@ -62,5 +67,17 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
         if act is not None:
             layer.input_quantizer = ActivationQuantizer(*act)
         set_submodule(model, name, layer)
-    model.load_state_dict(saved["state"], strict=False)
+    # Every Conv/Linear of the model must be one the file quantized, and every other parameter must
+    # come from the file: a model of another architecture would otherwise keep random float weights.
+    float_layers = [name for name, m in model.named_modules()
+                    if layer_kind(m) is not None and not isinstance(m, QuantizedLayer)]
+    if float_layers:
+        raise ValueError(f"{path!r} has no quantized weights for the model's layers {float_layers}: it was saved "
+                         f"from another model")
+    quantized_prefixes = tuple(name + "." for name in saved["layers"])
+    result = model.load_state_dict(saved["state"], strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(quantized_prefixes)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path!r} does not fit the model: parameters missing from the file {missing}, "
+                         f"in the file but not in the model {result.unexpected_keys}")
     return model

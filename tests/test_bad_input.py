@@ -314,3 +314,41 @@ def test_meta_tensors_mixed_with_real_ones():
     with pytest.raises(RuntimeError, match="exp_avg is on cpu but v is on meta"):
         step([state[0].to("meta"), *state[1:]], grad, base, scale, zp)
     assert ops.soft_quantize(w.to("meta"), v.to("meta"), scale.to("meta"), None, -8, 7, 0).device.type == "meta"
+
+
+# ---- BatchNorm folding --------------------------------------------------------------------------
+
+class ConvAtTwoSites(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x.flip(-1))
+
+
+class BatchNormAfterTwoConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + self.bn(self.b(x))
+
+
+@pytest.mark.parametrize("make", [ConvAtTwoSites, BatchNormAfterTwoConvs])
+def test_batchnorm_is_folded_only_where_that_keeps_the_model(make, caplog):
+    """Was: a BN folded into a conv that a second site calls without it (output off by 0.5-0.7), and
+    a BN after two convs crashed the folding ('Fusion only for eval!')."""
+    torch.manual_seed(0)
+    model = make().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 5, 5)
+    expected = model(x)
+    with caplog.at_level("WARNING", logger="adaround_ext"):
+        folded = ae.fold_batchnorm(model)
+    assert isinstance(folded.bn, nn.BatchNorm2d)
+    assert "BatchNorm kept unfolded" in caplog.text and "bn" in caplog.text
+    torch.testing.assert_close(folded(x), expected)

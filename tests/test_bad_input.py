@@ -352,3 +352,13 @@ def test_batchnorm_is_folded_only_where_that_keeps_the_model(make, caplog):
     assert isinstance(folded.bn, nn.BatchNorm2d)
     assert "BatchNorm kept unfolded" in caplog.text and "bn" in caplog.text
     torch.testing.assert_close(folded(x), expected)
+
+
+@pytest.mark.parametrize("mode, extra", [("adaptive", "v"), ("stochastic", "noise")])
+def test_hard_quantize_checks_shapes_before_copying_the_weight(device, mode, extra):
+    """Was: the weight was made contiguous (a full copy) before v's shape was checked. A 40 GB
+    expanded view fails the copy; the shape error must come first."""
+    w = torch.zeros(1, 1, device=device).expand(100_000, 100_000)
+    wrong = torch.zeros(3, 3, device=device)
+    with pytest.raises(RuntimeError, match=f"{extra} must have the shape of weight"):
+        ae.hard_quantize(w, torch.tensor(0.1, device=device), None, -8, 7, None, mode, **{extra: wrong})

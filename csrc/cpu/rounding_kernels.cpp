@@ -170,9 +170,9 @@ std::tuple<Tensor, Tensor> hard_quantize_cpu(const Tensor& weight, const Tensor&
                                              const std::optional<Tensor>& noise) {
   const QuantGrid grid = make_grid(weight, scale, zero_point, quant_min, quant_max, axis);
   const RoundingMode mode = parse_rounding_mode(std::string(mode_name));
-  const Tensor w = weight.contiguous();
   const Tensor aux = rounding_aux(mode, weight, v, noise);
   check_hard_quantize_weight(weight);
+  const Tensor w = weight.contiguous();  // after every check: a bad call copies nothing
   Tensor codes = at::empty(w.sizes(), w.options().dtype(code_dtype(quant_min, quant_max)));
   Tensor dequant = at::empty_like(w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "hard_quantize_cpu", [&] {

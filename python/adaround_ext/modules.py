@@ -123,10 +123,19 @@ def channel_axis(kind: str) -> int:
     return 1 if is_transposed(kind) else 0
 
 
-def unsupported_weight_layer(module: nn.Module) -> bool:
-    """A layer with weights that quantize() cannot learn the rounding of (Conv3d, ConvTranspose3d, ...)."""
-    weighted = isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.Embedding))
-    return weighted and layer_kind(module) is None
+def float_weight_layers(model: nn.Module, quantized) -> list:
+    """The modules that own a weight matrix (a "*weight*" parameter of two or more dimensions) that quantize()
+    leaves in floating point, as "name (Type)": types it cannot learn the rounding of (Conv3d, Embedding,
+    GRU, MultiheadAttention's input projection), and Linear/Conv modules whose forward is never called
+    (MultiheadAttention reads its out_proj's weight directly). `quantized`: the names that are quantized."""
+    kept = []
+    for name, module in model.named_modules():
+        owns_weights = any(p.dim() >= 2 and "weight" in key for key, p in module.named_parameters(recurse=False))
+        if name in quantized or not owns_weights:  # class tokens and position embeddings are not weights
+            continue
+        reason = ", not called by forward" if layer_kind(module) is not None else ""
+        kept.append(f"{name or '<model>'} ({type(module).__name__}{reason})")
+    return kept
 
 
 def explicit_padding(module: nn.Module) -> tuple:

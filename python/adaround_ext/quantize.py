@@ -1,4 +1,4 @@
-"""The model pipeline (SPEC section 3): fold BN, initialise weight grids, learn the rounding of each
+"""The model pipeline (docs/design.md#pipeline): fold BN, initialise weight grids, learn the rounding of each
 Conv/Linear layer in execution order with torch.ops.adaround.optimize_layer, calibrate 8-bit
 activations."""
 from __future__ import annotations
@@ -21,8 +21,8 @@ from .checkpoint import Checkpoint, fingerprint
 from .config import QuantConfig
 from .folding import conv_bn_pairs, fold_batchnorm
 from .layer import optimize_layer
-from .modules import (ActivationQuantizer, QuantizedLayer, channel_axis, geometry, is_transposed, layer_kind,
-                      set_submodule, unsupported_weight_layer)
+from .modules import (ActivationQuantizer, QuantizedLayer, channel_axis, float_weight_layers, geometry,
+                      is_transposed, layer_kind, set_submodule)
 from .report import LayerReport, QuantizationReport
 from .scales import init_activation_grid, init_weight_grid
 
@@ -57,7 +57,13 @@ def collect_samples(data: CalibrationData, limit: int) -> torch.Tensor:
     shapes = {tuple(t.shape[1:]) for t in taken}
     if len(shapes) != 1:
         raise ValueError(f"calibration batches have different sample shapes: {sorted(shapes)}")
-    return torch.cat(taken).float()
+    samples = torch.cat(taken).float()
+    finite = torch.isfinite(samples).flatten(1).all(dim=1)
+    if not finite.all():
+        bad = (~finite).nonzero().flatten()
+        raise ValueError(f"calibration_data holds NaN or Inf in {len(bad)} of {len(samples)} samples (the first is "
+                         f"sample {bad[0].item()})")
+    return samples
 
 
 def execution_order(model: nn.Module, example: torch.Tensor) -> List[str]:
@@ -150,6 +156,7 @@ def calibrate_activations(model: nn.Module, samples: torch.Tensor, bits: int, de
             h.remove()
     for name, module in layers.items():
         if name in ranges:
+            _check_finite_range(ranges[name], prefix=f"layer {name}: ")
             module.input_quantizer = _input_quantizer(ranges[name], bits).to(device)
 
 
@@ -183,10 +190,9 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
     if config.rounding == "adaround" and config.mode != "exact" and config.batch_size > len(samples):
         raise ValueError(f"batch_size ({config.batch_size}) is larger than the {len(samples)} calibration samples; "
                          f"pass more samples or lower QuantConfig.batch_size")
-    report.kept_float = [f"{name} ({type(m).__name__})" for name, m in fp_model.named_modules()
-                         if unsupported_weight_layer(m)]
+    report.kept_float = float_weight_layers(fp_model, set(layers))
     if report.kept_float:
-        log.warning("these layers stay in floating point (unsupported type): %s", ", ".join(report.kept_float))
+        log.warning("these weights stay in floating point (not quantizable here): %s", ", ".join(report.kept_float))
     activations = following_activations(fp_model) if config.loss_activation == "auto" else {}
     ckpt = Checkpoint(checkpoint_dir, fingerprint(fp_model, samples, config)) if checkpoint_dir else None
 
@@ -204,7 +210,10 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
             if caches is None and config.rounding == "adaround":
                 caches = make_layer_caches(q_model, fp_model, samples, config, device, layers)
                 report.cache_strategy = caches.strategy
-            state, layer_report = _quantize_layer(caches, name, module, kind, bits, index, activations, config)
+            try:
+                state, layer_report = _quantize_layer(caches, name, module, kind, bits, index, activations, config)
+            except (ValueError, RuntimeError) as exc:
+                raise type(exc)(f"layer {name}: {exc}") from exc
             if ckpt:
                 ckpt.save(name, state, layer_report.to_dict())
         state = dict(state)
@@ -234,6 +243,11 @@ def _input_quantizer(value_range, bits: int) -> ActivationQuantizer:
     return ActivationQuantizer(*init_activation_grid(*value_range, bits))
 
 
+def _check_finite_range(value_range, prefix: str = "") -> None:
+    if not all(math.isfinite(v) for v in value_range):
+        raise ValueError(f"{prefix}its input holds NaN or Inf (an earlier layer's output overflowed float32)")
+
+
 def _inputs_quantized_in_walk(config) -> bool:
     """Whether each layer's input quantizer is calibrated on its x^ during the walk (see
     QuantConfig.quantized_inputs) rather than afterwards."""
@@ -241,13 +255,11 @@ def _inputs_quantized_in_walk(config) -> bool:
             and config.asymmetric_reconstruction)
 
 
-def _quantize_inputs_(name, inputs, bits):
+def _quantize_inputs_(inputs, bits):
     """Calibrates the layer's input quantizer on its cached x^ and applies it to the cache in place;
     returns the range."""
     lo, hi = inputs.min().item(), inputs.max().item()
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"layer {name}: its cached input x^ holds NaN or Inf (an earlier layer's output "
-                         f"overflowed, or the calibration data holds them)")
+    _check_finite_range((lo, hi))
     quantizer = _input_quantizer((lo, hi), bits)
     for part in inputs.split(CHUNK):
         part.copy_(quantizer(part))
@@ -272,7 +284,10 @@ def _progress(layers, config):
 
 
 def _quantize_layer(caches, name, module, kind, bits, index, activations, config):
+    """One layer's codes, grid and report; errors name no layer (the caller adds it)."""
     weight = module.weight.detach()
+    if not torch.isfinite(weight).all():
+        raise ValueError("its weight holds NaN or Inf")
     scale, zero_point, n, p, axis = init_weight_grid(weight, bits, config.per_channel, config.symmetric,
                                                      config.scale_method, channel_axis=channel_axis(kind))
     activation = activations.get(name, "none") if config.loss_activation == "auto" else config.loss_activation
@@ -282,8 +297,14 @@ def _quantize_layer(caches, name, module, kind, bits, index, activations, config
     if config.rounding == "adaround":
         t_cache = time.perf_counter()
         inputs, targets = caches.build(name, activation)
+        batch_size = config.batch_size
+        if kind == "linear" and inputs.dim() > 2:
+            # A Linear over tokens (e.g. a transformer's MLP): every position is one row of the
+            # reconstruction, and a minibatch draws as many rows as batch_size samples hold.
+            batch_size *= inputs[0].numel() // inputs.shape[-1]
+            inputs, targets = inputs.reshape(-1, inputs.shape[-1]), targets.reshape(-1, targets.shape[-1])
         if _inputs_quantized_in_walk(config):
-            input_range = _quantize_inputs_(name, inputs, config.activation_bits)
+            input_range = _quantize_inputs_(inputs, config.activation_bits)
         report.cache_seconds = time.perf_counter() - t_cache
         device = caches.device
         report.cache_location = "pinned host" if inputs.device != device else str(device)
@@ -291,16 +312,13 @@ def _quantize_layer(caches, name, module, kind, bits, index, activations, config
                  (inputs.numel() + targets.numel()) * 4 / 2**20,
                  ", streamed to the GPU per minibatch" if inputs.device != device else "")
         t_opt = time.perf_counter()
-        try:
-            result = optimize_layer(weight, module.bias, scale, zero_point, n, p, axis, inputs, targets,
-                                    **geometry(module), transposed=is_transposed(kind), iterations=config.iterations,
-                                    batch_size=config.batch_size, lr=config.lr, reg_lambda=config.reg_lambda,
-                                    beta_start=config.beta_start, beta_end=config.beta_end,
-                                    warm_start=config.warm_start, schedule=config.schedule, activation=activation,
-                                    mode=config.mode, seed=seed, cuda_graph=config.cuda_graph,
-                                    progress=name if config.progress else None)
-        except RuntimeError as exc:
-            raise RuntimeError(f"layer {name}: {exc}") from exc
+        result = optimize_layer(weight, module.bias, scale, zero_point, n, p, axis, inputs, targets,
+                                **geometry(module), transposed=is_transposed(kind), iterations=config.iterations,
+                                batch_size=batch_size, lr=config.lr, reg_lambda=config.reg_lambda,
+                                beta_start=config.beta_start, beta_end=config.beta_end,
+                                warm_start=config.warm_start, schedule=config.schedule, activation=activation,
+                                mode=config.mode, seed=seed, cuda_graph=config.cuda_graph,
+                                progress=name if config.progress else None)
         report.seconds = time.perf_counter() - t_opt
         codes = result.codes
         report.mode = "exact" if result.exact_mode else "minibatch"

@@ -32,7 +32,8 @@ class QuantizationReport:
     device: str = "cpu"
     config: dict = field(default_factory=dict)
     layers: List[LayerReport] = field(default_factory=list)
-    # Layers with weights of a type quantize() does not handle (e.g. "head (Conv3d)"): left in float.
+    # Modules whose weights stay in float (e.g. "head (Conv3d)", "attn (MultiheadAttention)"): see
+    # modules.float_weight_layers.
     kept_float: List[str] = field(default_factory=list)
     cache_strategy: str = ""  # "graph walk" or "prefix reruns" (see caching.py); "" without caches
     cache_seconds: float = 0.0
@@ -51,7 +52,7 @@ class QuantizationReport:
         widths = [max(len(x) for x in col) for col in zip(header, *rows)]
         lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in (header, *rows)]
         if self.kept_float:
-            lines.append("kept in floating point (unsupported type): " + ", ".join(self.kept_float))
+            lines.append("kept in floating point: " + ", ".join(self.kept_float))
         strategy = f" ({self.cache_strategy})" if self.cache_strategy else ""
         lines.append(f"time: caching {self.cache_seconds:.1f} s{strategy}, optimisation {self.optimize_seconds:.1f} s, "
                      f"activation calibration {self.calibrate_seconds:.1f} s, total {self.total_seconds:.1f} s "

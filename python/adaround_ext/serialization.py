@@ -6,9 +6,10 @@ import copy
 import torch
 import torch.nn as nn
 
-from .modules import ActivationQuantizer, QuantizedLayer, layer_kind, set_submodule
+from .modules import ActivationQuantizer, QuantizedLayer, check_output_path, layer_kind, set_submodule
 
 FORMAT = "adaround_ext/1"
+_KEYS = ("layers", "folded_batchnorm", "state")
 
 
 def _layer_state(m: QuantizedLayer) -> dict:
@@ -28,22 +29,24 @@ def save_quantized(model: nn.Module, path: str) -> None:
     layers = {name: _layer_state(m) for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
     if not layers:
         raise ValueError("the model has no QuantizedLayer; quantize it first")
+    check_output_path(path)
+    # Conv/Linear modules that stayed float (e.g. MultiheadAttention's out_proj): a load expects them so.
+    float_layers = [name for name, m in model.named_modules() if layer_kind(m) is not None]
     quantized_prefixes = tuple(name + "." for name in layers)
     rest = {k: v.cpu() for k, v in model.state_dict().items() if not k.startswith(quantized_prefixes)}
     report = getattr(model, "adaround_report", None)
     torch.save({"format": FORMAT, "layers": layers, "folded_batchnorm": getattr(model, "adaround_folded_batchnorm", []),
-                "state": rest, "report": None if report is None else report.to_dict()}, path)
-
-
+                "float_layers": float_layers, "state": rest, "report": None if report is None else report.to_dict()},
+               path)
 
 
 def load_quantized(model: nn.Module, path: str) -> nn.Module:
     """Returns a copy of `model` (e.g. a fresh torchvision resnet18) with the saved quantization."""
     try:
         saved = torch.load(path, weights_only=False, map_location="cpu")
-    except (OSError, RuntimeError) as exc:
-        raise ValueError(f"cannot read a quantized model from {path!r}: {exc}") from exc
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+    except Exception as exc:  # a damaged file fails in the zip reader, in pickle, or anywhere between
+        raise ValueError(f"cannot read a quantized model from {path!r}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT or any(k not in saved for k in _KEYS):
         raise ValueError(f"{path!r} is not an adaround_ext quantized model ({FORMAT})")
     model = copy.deepcopy(model).eval()
     for name in saved["folded_batchnorm"]:
@@ -57,7 +60,8 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
         try:
             original = model.get_submodule(name)
         except AttributeError as exc:
-            raise ValueError(f"the model has no layer {name!r} to load into") from exc
+            raise ValueError(f"{path!r} quantized a layer {name!r} that the model does not have: it was saved "
+                             f"from another model") from exc
         if layer_kind(original) != state["kind"] or tuple(original.weight.shape) != tuple(state["codes"].shape):
             raise ValueError(f"layer {name!r} does not match: the model has {original}, the file a {state['kind']} "
                              f"of weight shape {tuple(state['codes'].shape)}")
@@ -69,8 +73,9 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
         set_submodule(model, name, layer)
     # Every Conv/Linear of the model must be one the file quantized, and every other parameter must
     # come from the file: a model of another architecture would otherwise keep random float weights.
+    kept_float = set(saved.get("float_layers", ()))
     float_layers = [name for name, m in model.named_modules()
-                    if layer_kind(m) is not None and not isinstance(m, QuantizedLayer)]
+                    if layer_kind(m) is not None and not isinstance(m, QuantizedLayer) and name not in kept_float]
     if float_layers:
         raise ValueError(f"{path!r} has no quantized weights for the model's layers {float_layers}: it was saved "
                          f"from another model")

@@ -5,7 +5,7 @@ gathers, no caching, no evaluation.
 
     PYTHONPATH=python .venv/bin/python benchmarks/bench_time_floor.py [--iterations 10000] [--target 300]
 
-Each layer is timed the way optimize_layer runs it (SPEC defaults, batch 32, 32x32 inputs):
+Each layer is timed the way optimize_layer runs it (the default settings, batch 32, 32x32 inputs):
 - exact mode (identity loss, where cheaper): one [out, K] x [K, K] product per iteration;
 - 3x3 stride-1 convolutions with 16+ input channels and 16+ even-sized output positions: Winograd
   F(2x2, 3x3), 16 GEMMs for the output and 16 for the weight gradient (the weight and output

@@ -12,7 +12,7 @@
 
 namespace adaround {
 
-// Stretch of the rectified sigmoid (SPEC section 2).
+// Stretch of the rectified sigmoid, the paper's values (docs/algorithm.md#soft-rounding).
 constexpr double kZeta = 1.1;
 constexpr double kGamma = -0.1;
 

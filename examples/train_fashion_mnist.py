@@ -1,5 +1,5 @@
-"""Trains torchvision resnet18(num_classes=10) on Debian's Fashion-MNIST as SPEC section 4 says and
-saves the checkpoint (reused when present).
+"""Trains torchvision resnet18(num_classes=10) on Debian's Fashion-MNIST with the testbed recipe
+(docs/design.md#testbed) and saves the checkpoint (reused when present).
 
     .venv/bin/python examples/train_fashion_mnist.py [--out runs/fashion_mnist_resnet18.pt] [--epochs 3]
 """

@@ -17,7 +17,8 @@ __all__ = [
 
 
 def quant_range(bits: int, symmetric: bool = True) -> Tuple[int, int]:
-    """Integer grid [n, p] for `bits`: signed symmetric or unsigned asymmetric (SPEC section 1)."""
+    """Integer grid [n, p] for `bits`: signed symmetric or unsigned asymmetric
+    (docs/algorithm.md#quantization-grid)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
     if symmetric:

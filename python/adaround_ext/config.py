@@ -1,4 +1,4 @@
-"""QuantConfig: every knob of the pipeline, with the defaults of SPEC sections 1-3."""
+"""QuantConfig: every knob of the pipeline and its default (docs/algorithm.md explains each one)."""
 from __future__ import annotations
 
 import dataclasses
@@ -40,9 +40,10 @@ class QuantConfig:
     asymmetric_reconstruction: bool = True  # inputs from the partly quantized model (x^)
     # With activation_bits and asymmetric reconstruction: each layer's x^ passes through the layer's own
     # input quantizer, calibrated on x^ when the walk reaches the layer, so AdaRound learns against the
-    # inputs the quantized model will feed it (SPEC section 2, "activations quantized if enabled").
+    # inputs the quantized model will feed it (docs/algorithm.md#asymmetric-reconstruction).
     # Off by default: activations stay in float during AdaRound and are calibrated afterwards, as
-    # AIMET does; on the testbed that scored 0.11-0.16 points higher at W4A8 (README).
+    # AIMET does; on the testbed that scored 0.11-0.16 points higher at W4A8
+    # (benchmarks/results/2026-12-01-readme-history.md).
     quantized_inputs: bool = False
     mode: str = "auto"  # minibatch, exact (full-data Gram, identity loss only) or auto
     num_samples: int = 1024
@@ -51,7 +52,7 @@ class QuantConfig:
     cache_placement: str = "auto"
     device: Optional[str] = None  # None: cuda when available, else cpu
     # CUDA with the caches on the GPU: replay each iteration from a captured CUDA graph. The same
-    # result; off by default until it has run on a GPU (see README).
+    # result; off by default until it has run on a GPU (docs/design.md#cuda-graph).
     cuda_graph: bool = False
     seed: int = 0
     progress: bool = True

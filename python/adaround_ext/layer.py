@@ -33,7 +33,7 @@ def optimize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], scale: to
     [in, out / groups, ...]) layer; see csrc/optimize_layer.h.
 
     options: iterations, batch_size, lr, reg_lambda, beta_start, beta_end, warm_start, schedule,
-    activation, mode, seed, log_every, allow_tf32, cuda_graph (SPEC defaults when omitted).
+    activation, mode, seed, log_every, allow_tf32, cuda_graph (the op's defaults, QuantConfig's, when omitted).
     progress: a description to show a tqdm bar over the iterations (None: no bar).
     """
     device = weight.device

@@ -7,7 +7,7 @@ import torch
 
 from ._ops import hard_quantize, quant_range
 
-# Clipping ratios tried by the MSE search (SPEC section 1: a grid of clipping ratios).
+# Clipping ratios tried by the MSE search (docs/algorithm.md#quantization-grid).
 MSE_RATIOS = torch.linspace(0.3, 1.0, 71).tolist()
 
 

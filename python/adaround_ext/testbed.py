@@ -1,4 +1,4 @@
-"""The Fashion-MNIST testbed (SPEC section 4): data, training of resnet18(num_classes=10), evaluation.
+"""The Fashion-MNIST testbed (docs/design.md#testbed): data, training of resnet18(num_classes=10), evaluation.
 ImageNet (ImageFolder val layout) for users who have it locally."""
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def resnet(arch: str = "resnet18", num_classes: int = 10) -> nn.Module:
 
 def train(model: nn.Module, images, labels, epochs: int = 3, batch_size: int = 128, max_lr: float = 0.1,
           weight_decay: float = 5e-4, seed: int = 0, log=print) -> nn.Module:
-    """SGD with nesterov momentum, OneCycle schedule, random horizontal flips (SPEC section 4). Trains
+    """SGD with nesterov momentum, OneCycle schedule, random horizontal flips (docs/design.md#testbed). Trains
     where the model's parameters are (the images may stay on the CPU)."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)

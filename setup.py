@@ -40,12 +40,14 @@ def cpu_flags() -> list:
 
 def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/device/*.cpp") + rel("csrc/python/*.cpp")
+    sources = (rel("csrc/*.cpp") + rel("csrc/loop/*.cpp") + rel("csrc/cpu/*.cpp") + rel("csrc/device/*.cpp")
+               + rel("csrc/python/*.cpp"))
     if use_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         return CUDAExtension(
             "adaround_ext._C",
             sources + rel("cuda/*.cu"),
+            include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("ADAROUND_WITH_CUDA", None)],
             extra_link_args=["-fopenmp"],
             extra_compile_args={
@@ -53,7 +55,8 @@ def extension():
                 "nvcc": ["-O3", "--extended-lambda", "--expt-relaxed-constexpr"],
             },
         )
-    return CppExtension("adaround_ext._C", sources, extra_compile_args={"cxx": cpu_flags()},
+    return CppExtension("adaround_ext._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                        extra_compile_args={"cxx": cpu_flags()},
                         extra_link_args=["-fopenmp"])
 
 
@@ -67,6 +70,6 @@ setup(
     # builds the extension in place first, so that it and later rebuilds share one ninja build directory).
     ext_modules=[] if os.environ.get("ADAROUND_REGISTER_ONLY") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["adaround-quantize-resnet=adaround_ext.cli:main"]},
+    entry_points={"console_scripts": ["adaround-quantize-resnet=adaround_testbed.cli:main"]},
     python_requires=">=3.10",
 )

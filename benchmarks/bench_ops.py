@@ -14,7 +14,7 @@ import torch
 from common import RESNET18_CONVS, median_time, print_table
 
 import adaround_ext as ae  # noqa: E402
-import reference as ref  # noqa: E402
+from adaround_testbed import reference as ref  # noqa: E402
 
 
 def make_step(impl, w, scale, v, grad, beta):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from common import RESNET18_CONVS, print_table, sync
 
 import adaround_ext  # noqa: E402,F401
-import reference as ref  # noqa: E402
+from adaround_testbed import reference as ref  # noqa: E402
 
 
 def layer_case(shape, stride, size, samples, device):

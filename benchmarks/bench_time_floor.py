@@ -23,12 +23,12 @@ from common import median_time, print_table
 
 from adaround_ext.folding import fold_batchnorm  # noqa: E402
 from adaround_ext.quantize import execution_order, following_activations  # noqa: E402
-from adaround_ext.testbed import resnet  # noqa: E402
+from adaround_testbed.testbed import resnet  # noqa: E402
 
-GEMM_MAX_POSITIONS = 16  # kGemmMaxPositions in csrc/optimize_layer.cpp
+GEMM_MAX_POSITIONS = 16  # kGemmMaxPositions in csrc/loop/choose_path.cpp
 WINOGRAD_MIN_CHANNELS = 16  # kWinogradMinChannels
 WINOGRAD_MIN_POSITIONS = 16  # kWinogradMinPositions
-WINOGRAD_LARGE_TILE_MIN_POSITIONS = 64  # kWinogradLargeTileMinPositions
+WINOGRAD_LARGE_TILE_MIN_POSITIONS = 64  # kLargeTileMinPositions in csrc/cpu/winograd_path.cpp
 
 
 def median_ms(fn, repeats=15):
@@ -59,14 +59,14 @@ def live_columns(conv, in_shape):
 
 
 def exact_is_cheaper(out, k, positions, batch, iterations, samples):
-    # choose_exact in csrc/optimize_layer.cpp
+    # choose_exact in csrc/loop/choose_path.cpp
     minibatch = 2.0 * batch * positions * out * k * iterations
     exact = out * k * k * iterations + samples * positions * k * k
     return exact < minibatch
 
 
 def winograd_tile(module, out_size):
-    """The output tile side winograd_cache in csrc/optimize_layer.cpp chooses (0: no Winograd)."""
+    """The output tile side choose_tile in csrc/cpu/winograd_path.cpp chooses (0: no Winograd)."""
     if not (isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.stride == (1, 1)
             and module.dilation == (1, 1) and module.groups == 1 and module.in_channels >= WINOGRAD_MIN_CHANNELS
             and out_size.numel() >= WINOGRAD_MIN_POSITIONS):

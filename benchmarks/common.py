@@ -8,7 +8,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # reference.py: the plain-PyTorch formulation
 
 # (name, weight shape, stride, input spatial size on the 32x32 Fashion-MNIST testbed, ImageNet size)
 RESNET18_CONVS = [

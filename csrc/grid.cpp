@@ -108,11 +108,6 @@ void check_rounding_variable(const at::Tensor& weight, const at::Tensor& v, cons
               weight.scalar_type(), " weight, got ", v.scalar_type());
 }
 
-void check_hard_quantize_weight(const at::Tensor& weight) {
-  // A NaN has no code (its conversion to an integer is undefined); an infinite weight would take the
-  // grid's end silently. Checked where reading is free.
-  if (weight.is_cpu()) TORCH_CHECK(at::isfinite(weight).all().item<bool>(), "weight contains NaN or Inf");
-}
 
 void check_soft_quantize_backward_args(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& v) {
   check_rounding_variable(weight, v, "v");
@@ -146,6 +141,23 @@ at::Tensor rounding_aux(RoundingMode mode, const at::Tensor& weight, const std::
     return noise->contiguous();
   }
   return at::Tensor();
+}
+
+HardQuantizeCall prepare_hard_quantize(const at::Tensor& weight, const at::Tensor& scale,
+                                       const std::optional<at::Tensor>& zero_point, int64_t quant_min,
+                                       int64_t quant_max, std::optional<int64_t> axis, const std::string& mode,
+                                       const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& noise) {
+  HardQuantizeCall call;
+  call.grid = make_grid(weight, scale, zero_point, quant_min, quant_max, axis);
+  call.mode = parse_rounding_mode(mode);
+  call.aux = rounding_aux(call.mode, weight, v, noise);
+  // A NaN has no code (its conversion to an integer is undefined); an infinite weight would take the
+  // grid's end silently. Checked where reading is free.
+  if (weight.is_cpu()) TORCH_CHECK(at::isfinite(weight).all().item<bool>(), "weight contains NaN or Inf");
+  call.weight = weight.contiguous();
+  call.codes = at::empty(call.weight.sizes(), call.weight.options().dtype(code_dtype(quant_min, quant_max)));
+  call.dequantized = at::empty_like(call.weight);
+  return call;
 }
 
 RoundingMode parse_rounding_mode(const std::string& mode) {

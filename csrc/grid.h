@@ -39,9 +39,6 @@ QuantGrid make_grid(const at::Tensor& weight, const at::Tensor& scale,
 // Checks that `v` can hold the rounding variables of `weight` (same shape, device, compute dtype).
 void check_rounding_variable(const at::Tensor& weight, const at::Tensor& v, const char* name);
 
-// hard_quantize's weight holds no NaN or Inf (checked where that reading is free, CPU memory).
-void check_hard_quantize_weight(const at::Tensor& weight);
-
 // Checks soft_quantize_backward's arguments beyond the grid: v as check_rounding_variable, and
 // grad_output shaped like weight and on its device.
 void check_soft_quantize_backward_args(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& v);
@@ -54,6 +51,21 @@ void check_regularizer_args(const at::Tensor& v, double beta);
 // the noise for [0, 1)) and made contiguous.
 at::Tensor rounding_aux(RoundingMode mode, const at::Tensor& weight, const std::optional<at::Tensor>& v,
                         const std::optional<at::Tensor>& noise);
+
+// hard_quantize once its arguments passed every check, with its outputs allocated: where the CPU
+// kernel and the device glue both start. Nothing is copied before the last check.
+struct HardQuantizeCall {
+  QuantGrid grid;
+  RoundingMode mode;
+  at::Tensor aux;          // V, the noise, or undefined (rounding_aux)
+  at::Tensor weight;       // contiguous
+  at::Tensor codes;        // code_dtype, the weight's shape
+  at::Tensor dequantized;  // the weight's dtype and shape
+};
+HardQuantizeCall prepare_hard_quantize(const at::Tensor& weight, const at::Tensor& scale,
+                                       const std::optional<at::Tensor>& zero_point, int64_t quant_min,
+                                       int64_t quant_max, std::optional<int64_t> axis, const std::string& mode,
+                                       const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& noise);
 
 // Parses the `mode` argument of hard_quantize.
 RoundingMode parse_rounding_mode(const std::string& mode);

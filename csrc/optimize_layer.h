@@ -1,8 +1,9 @@
-// optimize_layer: learns the rounding of one Linear, Conv1d/2d or ConvTranspose1d/2d layer (SPEC section 2).
+// optimize_layer: learns the rounding of one Linear, Conv1d/2d or ConvTranspose1d/2d layer
+// (docs/algorithm.md; the loop and its execution paths: docs/design.md#per-layer-loop).
 //
 //   adaround::LayerGrid grid{scale, zero_point, -8, 7, /*axis=*/0};
 //   adaround::LayerGeometry conv{{2, 2}, {1, 1}, {1, 1}, /*groups=*/1};
-//   adaround::OptimizeOptions options;  // SPEC defaults
+//   adaround::OptimizeOptions options;  // the paper's defaults
 //   options.activation = "relu";
 //   auto result = adaround::optimize_layer(weight, bias, grid, inputs, targets, conv, options);
 //
@@ -41,6 +42,7 @@ struct LayerGeometry {
   std::vector<int64_t> output_padding{0};  // transposed only
 };
 
+// The defaults below are the op schema's and QuantConfig's too (optimize_options.h lists the options).
 struct OptimizeOptions {
   int64_t iterations = 10000;
   int64_t batch_size = 32;
@@ -56,7 +58,7 @@ struct OptimizeOptions {
   int64_t log_every = 0;            // loss-curve sampling period; 0 = iterations / 100
   bool allow_tf32 = false;
   // CUDA, caches on the GPU: record one iteration in a CUDA graph and replay it (falls back to eager
-  // launches, with a warning, where capture fails). The same result as without. Not yet run on a GPU.
+  // launches, with a warning, where capture fails). The same result as without.
   bool cuda_graph = false;
   // Packs weights whose rounding can no longer change out of the step (CPU): the same h(V), W~ and
   // result, with their V frozen where the full loop would let momentum drift them further out.

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from adaround_ext import testbed
+from adaround_testbed import testbed
 
 
 def main():

@@ -43,7 +43,9 @@ fi
 # Built in place (build/temp.*, incremental), then registered as an editable install without a second
 # build: pip's own build would use a throw-away directory and the next in-place build would redo it all.
 .venv/bin/python setup.py -q build_ext --inplace
-if ! .venv/bin/pip show -q adaround_ext >/dev/null 2>&1; then
+# Registered again when the console script no longer names the entry point setup.py declares.
+if ! .venv/bin/pip show -q adaround_ext >/dev/null 2>&1 ||
+   ! grep -q "from adaround_testbed.cli import main" .venv/bin/adaround-quantize-resnet 2>/dev/null; then
   echo "bootstrap: registering adaround_ext (pip install -e)"
   ADAROUND_REGISTER_ONLY=1 .venv/bin/pip install -q --no-build-isolation --no-deps -e .
 fi

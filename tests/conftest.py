@@ -57,7 +57,7 @@ def full_precision_float32():
 # The Fashion-MNIST subset and the briefly trained resnet18 shared by the pipeline and export tests.
 @pytest.fixture(scope="session")
 def data():
-    from adaround_ext import testbed  # numpy: only the tests that use the data need it
+    from adaround_testbed import testbed  # numpy: only the tests that use the data need it
 
     train_x, train_y = testbed.fashion_mnist("train")
     test_x, test_y = testbed.fashion_mnist("test")
@@ -70,7 +70,7 @@ def data():
 @pytest.fixture(scope="session")
 def trained(data, tmp_path_factory):
     """resnet18(num_classes=10) after a short training budget (2 epochs on 6000 images)."""
-    from adaround_ext import testbed
+    from adaround_testbed import testbed
 
     torch.manual_seed(0)
     model = testbed.resnet("resnet18", 10)

@@ -64,6 +64,7 @@ def assert_same_caches(model, samples, asymmetric, device=CPU):
     return layers
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_walk_gives_the_prefix_caches_on_resnet18(trained, data):
     model = fold_batchnorm(copy.deepcopy(trained))
     samples = torch.cat([data["calib"], data["calib"][:44]])  # 300: two full chunks of 128 and a shorter one

@@ -11,6 +11,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
                     reason="the check builds with CUDA: needs nvcc")
 def test_dry_run_builds_and_lists_every_part(tmp_path):

@@ -1,4 +1,4 @@
-"""The main job's command line (adaround_ext.cli): the Fashion-MNIST default and the ImageNet path
+"""The main job's command line (adaround_testbed.cli): the Fashion-MNIST default and the ImageNet path
 (--data/--weights) on a small ImageFolder with resnet50's bottleneck blocks."""
 import re
 
@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import adaround_ext as ae
-from adaround_ext import cli, testbed
+from adaround_testbed import cli, testbed
 from adaround_ext.folding import fold_batchnorm
 from adaround_ext.quantize import execution_order, following_activations
 from adaround_ext.scales import init_activation_grid
@@ -26,6 +26,7 @@ def printed_accuracies(out):
     return fp32, runs
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_fashion_mnist_job_prints_what_its_saved_models_score(trained, tmp_path, capsys):
     checkpoint = tmp_path / "fp32.pt"
     torch.save(trained.state_dict(), checkpoint)
@@ -65,6 +66,7 @@ def image_folder(tmp_path):
     return root
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_imagenet_path_quantizes_resnet50(image_folder, tmp_path, capsys):
     torch.manual_seed(0)
     fp32_model = testbed.resnet("resnet50", 1000).eval()

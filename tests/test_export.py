@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import adaround_ext as ae
-from adaround_ext import testbed
+from adaround_testbed import testbed
 from adaround_ext.onnx_export import export_onnx, onnx_weight_codes
 from adaround_ext.plots import report_figure, save_report_plot
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import adaround_ext as ae
-import reference as ref
+from adaround_testbed import reference as ref
 from conftest import needs_cuda
 
 ops = torch.ops.adaround

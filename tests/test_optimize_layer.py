@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import adaround_ext as ae
-import reference as ref
+from adaround_testbed import reference as ref
 from conftest import cpu_paths, needs_cuda
 
 ops = torch.ops.adaround
@@ -65,7 +65,7 @@ def small_map_case(device, activation, seed=0):
 
 def wide_conv_case(device, activation, seed=0):
     """16 input channels on 7x7 maps: on the CPU in float32 the loop runs on channels-last copies of
-    the caches (kChannelsLastMinChannels in csrc/optimize_layer.cpp). Odd output sizes keep it off
+    the caches (kChannelsLastMinChannels in csrc/loop/choose_path.cpp). Odd output sizes keep it off
     the Winograd path."""
     geometry = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
     return make_conv_case(device, activation, (8, 16, 3, 3), 0.15, (40, 16, 7, 7), geometry, seed=seed)

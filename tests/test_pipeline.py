@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import adaround_ext as ae
-from adaround_ext import testbed
+from adaround_testbed import testbed
 from adaround_ext.folding import fold_batchnorm
 from adaround_ext.quantize import execution_order, following_activations
 from adaround_ext.scales import init_activation_grid
@@ -56,6 +56,7 @@ def w3_results(trained, data):
     return accuracy(nearest, data), accuracy(ada, data), ada
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_adaround_beats_nearest_at_w3_per_tensor(w3_results, fp32_accuracy):
     nearest, ada, model = w3_results
     # Measured with 200 iterations per layer: FP32 73.4, nearest below 17, AdaRound 31.7.
@@ -66,6 +67,7 @@ def test_adaround_beats_nearest_at_w3_per_tensor(w3_results, fp32_accuracy):
     assert improved >= 14, [(r.name, r.nearest_error, r.adaround_error) for r in report.layers]
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_w4a8_stays_close_to_fp32(trained, data, fp32_accuracy):
     q = ae.quantize(trained, data["calib"], ae.QuantConfig(weight_bits=4, activation_bits=8, **FAST))
     assert accuracy(q, data) > fp32_accuracy - 3.0
@@ -145,6 +147,7 @@ def test_baselines_run_through_the_pipeline(trained, data, rounding):
     assert 0 < accuracy(q, data) <= 100
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_resume_after_interruption_gives_the_same_model(trained, data, tmp_path):
     # quantized_inputs: the input quantizers calibrated during the walk go through the checkpoints too.
     config = ae.QuantConfig(weight_bits=3, activation_bits=8, quantized_inputs=True,

@@ -8,7 +8,7 @@ iterations, batch size (32), lambda (0.01), beta 20 -> 2, warm start 0.2, Adam l
 - adaround_ext: adaround_ext.quantize with the product defaults (mode auto: the exact Gram mode where
   the loss has no activation and it is cheaper).
 - plain PyTorch: the same pipeline (same caches, same grids) with optimize_layer swapped for the
-  autograd + torch.optim.Adam loop of tests/reference.py (always minibatch).
+  autograd + torch.optim.Adam loop of python/adaround_testbed/reference.py (always minibatch).
 - AIMET: aimet-torch in its own venv (setup_aimet.sh), run by aimet_run.py; its own BN folding, grid
   (tf_enhanced ~ our weight-MSE, tf = min-max) and activation placement (op outputs).
 If AIMET cannot be installed or run, the table says so and the error is printed and saved.
@@ -25,7 +25,7 @@ import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-import common  # noqa: E402,F401  (puts python/ and tests/ on the path)
+import common  # noqa: E402,F401  (puts python/ on the path)
 
 import torch  # noqa: E402
 
@@ -33,10 +33,10 @@ import adaround_ext as ae  # noqa: E402
 import importlib  # noqa: E402
 
 pipeline = importlib.import_module("adaround_ext.quantize")  # the module (the package exports a function of that name)
-import reference  # noqa: E402
-from adaround_ext import testbed  # noqa: E402
-from adaround_ext.cli import SETTINGS, load_fashion_model  # noqa: E402
-from adaround_ext.layer import LayerResult  # noqa: E402
+from adaround_testbed import reference  # noqa: E402
+from adaround_testbed import testbed  # noqa: E402
+from adaround_testbed.cli import SETTINGS, load_fashion_model  # noqa: E402
+from adaround_ext import LayerResult  # noqa: E402
 
 AIMET_PYTHON = os.path.join(HERE, ".venv-aimet", "bin", "python")
 

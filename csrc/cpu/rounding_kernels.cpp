@@ -17,6 +17,21 @@ using at::Tensor;
 template <typename scalar_t>
 using opmath_t = at::opmath_type<scalar_t>;
 
+// body(begin, end, s, z) over the runs of elements that share one channel's scale s and zero point z.
+template <typename T, typename Body>
+void for_each_grid_run(int64_t numel, const QuantGrid& grid, const Body& body) {
+  const T* s_ptr = grid.scale.const_data_ptr<T>();
+  const T* z_ptr = grid.zero_point.const_data_ptr<T>();
+  for_each_channel_run(numel, grid.inner, grid.channels,
+                       [&](int64_t b, int64_t e, int64_t c) { body(b, e, s_ptr[c], z_ptr[c]); });
+}
+
+// floor(W / s) + z for the float weights at w (typed void: the callers' branch for other dtypes is
+// discarded only after it has been compiled).
+inline FloatVec grid_base(const void* w, const FloatVec& s, float z) {
+  return (FloatVec::loadu(w) / s).floor() + FloatVec(z);
+}
+
 Tensor soft_quantize_cpu(const Tensor& weight, const Tensor& v, const Tensor& scale,
                          const std::optional<Tensor>& zero_point, int64_t quant_min,
                          int64_t quant_max, std::optional<int64_t> axis) {
@@ -30,17 +45,14 @@ Tensor soft_quantize_cpu(const Tensor& weight, const Tensor& v, const Tensor& sc
     const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
     const T* v_ptr = vc.const_data_ptr<T>();
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
-    const T* s_ptr = grid.scale.const_data_ptr<T>();
-    const T* z_ptr = grid.zero_point.const_data_ptr<T>();
     const T qmin = T(grid.qmin), qmax = T(grid.qmax);
-    for_each_channel_run(w.numel(), grid.inner, grid.channels, [&](int64_t b, int64_t e, int64_t c) {
-      const T s = s_ptr[c], z = z_ptr[c];
+    for_each_grid_run<T>(w.numel(), grid, [&](int64_t b, int64_t e, T s, T z) {
       vectorized_run<scalar_t>(
           b, e,
           [&](int64_t i) {
             if constexpr (std::is_same_v<scalar_t, float>) {
               const FloatVec sv(s);
-              const FloatVec base = (FloatVec::loadu(w_ptr + i) / sv).floor() + FloatVec(z);
+              const FloatVec base = grid_base(w_ptr + i, sv, z);
               const FloatVec h = rectified_sigmoid<FloatVec, VecOps>(FloatVec::loadu(v_ptr + i));
               soft_quantize<FloatVec, VecOps>(base, h, sv, FloatVec(z), FloatVec(qmin), FloatVec(qmax))
                   .store(out_ptr + i);
@@ -70,17 +82,14 @@ Tensor soft_quantize_backward_cpu(const Tensor& grad_output, const Tensor& weigh
     const scalar_t* g_ptr = g.const_data_ptr<scalar_t>();
     const T* v_ptr = vc.const_data_ptr<T>();
     T* out_ptr = grad_v.mutable_data_ptr<T>();
-    const T* s_ptr = grid.scale.const_data_ptr<T>();
-    const T* z_ptr = grid.zero_point.const_data_ptr<T>();
     const T qmin = T(grid.qmin), qmax = T(grid.qmax);
-    for_each_channel_run(w.numel(), grid.inner, grid.channels, [&](int64_t b, int64_t e, int64_t c) {
-      const T s = s_ptr[c], z = z_ptr[c];
+    for_each_grid_run<T>(w.numel(), grid, [&](int64_t b, int64_t e, T s, T z) {
       vectorized_run<scalar_t>(
           b, e,
           [&](int64_t i) {
             if constexpr (std::is_same_v<scalar_t, float>) {
               const FloatVec sv(s);
-              const FloatVec base = (FloatVec::loadu(w_ptr + i) / sv).floor() + FloatVec(z);
+              const FloatVec base = grid_base(w_ptr + i, sv, z);
               const FloatVec vv = FloatVec::loadu(v_ptr + i);
               const FloatVec h = rectified_sigmoid<FloatVec, VecOps>(vv);
               const FloatVec dh = rectified_sigmoid_grad<FloatVec, VecOps>(vv);
@@ -168,25 +177,20 @@ std::tuple<Tensor, Tensor> hard_quantize_cpu(const Tensor& weight, const Tensor&
                                              int64_t quant_max, std::optional<int64_t> axis,
                                              c10::string_view mode_name, const std::optional<Tensor>& v,
                                              const std::optional<Tensor>& noise) {
-  const QuantGrid grid = make_grid(weight, scale, zero_point, quant_min, quant_max, axis);
-  const RoundingMode mode = parse_rounding_mode(std::string(mode_name));
-  const Tensor aux = rounding_aux(mode, weight, v, noise);
-  check_hard_quantize_weight(weight);
-  const Tensor w = weight.contiguous();  // after every check: a bad call copies nothing
-  Tensor codes = at::empty(w.sizes(), w.options().dtype(code_dtype(quant_min, quant_max)));
-  Tensor dequant = at::empty_like(w);
+  const HardQuantizeCall call = prepare_hard_quantize(weight, scale, zero_point, quant_min, quant_max, axis,
+                                                      std::string(mode_name), v, noise);
+  const QuantGrid& grid = call.grid;
+  const RoundingMode mode = call.mode;
+  const Tensor &w = call.weight, &aux = call.aux, &codes = call.codes, &dequant = call.dequantized;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "hard_quantize_cpu", [&] {
     using T = opmath_t<scalar_t>;
     const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
     const T* aux_ptr = aux.defined() ? aux.const_data_ptr<T>() : nullptr;
     scalar_t* dq_ptr = dequant.mutable_data_ptr<scalar_t>();
-    const T* s_ptr = grid.scale.const_data_ptr<T>();
-    const T* z_ptr = grid.zero_point.const_data_ptr<T>();
     const T qmin = T(grid.qmin), qmax = T(grid.qmax);
     AT_DISPATCH_INTEGRAL_TYPES(codes.scalar_type(), "hard_quantize_cpu_codes", [&] {
       scalar_t* code_ptr = codes.mutable_data_ptr<scalar_t>();
-      for_each_channel_run(w.numel(), grid.inner, grid.channels, [&](int64_t b, int64_t e, int64_t c) {
-        const T s = s_ptr[c], z = z_ptr[c];
+      for_each_grid_run<T>(w.numel(), grid, [&](int64_t b, int64_t e, T s, T z) {
         for (int64_t i = b; i < e; ++i) {
           const T code = hard_code<T>(mode, T(w_ptr[i]) / s, aux_ptr ? aux_ptr[i] : T(0), z, qmin, qmax);
           code_ptr[i] = static_cast<scalar_t>(code);
@@ -195,7 +199,7 @@ std::tuple<Tensor, Tensor> hard_quantize_cpu(const Tensor& weight, const Tensor&
       });
     });
   });
-  return {codes, dequant};
+  return {call.codes, call.dequantized};
 }
 
 Tensor init_v_cpu(const Tensor& weight, const Tensor& scale, std::optional<int64_t> axis) {

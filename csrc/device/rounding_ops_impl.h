@@ -113,14 +113,10 @@ struct RoundingKernels {
                                                   int64_t quant_max, std::optional<int64_t> axis,
                                                   c10::string_view mode_name, const std::optional<Tensor>& v,
                                                   const std::optional<Tensor>& noise) {
-    const QuantGrid grid = make_grid(weight, scale, zero_point, quant_min, quant_max, axis);
-    const RoundingMode mode = parse_rounding_mode(std::string(mode_name));
-    const Tensor aux = rounding_aux(mode, weight, v, noise);
-    check_hard_quantize_weight(weight);
+    HardQuantizeCall call = prepare_hard_quantize(weight, scale, zero_point, quant_min, quant_max, axis,
+                                                  std::string(mode_name), v, noise);
     [[maybe_unused]] const auto guard = on_device_of<Launch>(weight, "weight");
-    const Tensor w = weight.contiguous();
-    Tensor codes = at::empty(w.sizes(), w.options().dtype(code_dtype(quant_min, quant_max)));
-    Tensor dequantized = at::empty_like(w);
+    const Tensor &w = call.weight, &aux = call.aux;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "hard_quantize", [&] {
       using T = opmath_t<scalar_t>;
       using weight_t = scalar_t;
@@ -128,13 +124,13 @@ struct RoundingKernels {
       // code_dtype gives int8 or uint8 only; scalar_t below is the code type.
       const auto launch = [&](auto code_tag) {
         using code_t = decltype(code_tag);
-        launch_hard<weight_t, T, code_t>(w, aux_ptr, codes, dequantized, grid, mode);
+        launch_hard<weight_t, T, code_t>(w, aux_ptr, call.codes, call.dequantized, call.grid, call.mode);
       };
-      AT_DISPATCH_SWITCH(codes.scalar_type(), "hard_quantize_codes",
+      AT_DISPATCH_SWITCH(call.codes.scalar_type(), "hard_quantize_codes",
                          AT_DISPATCH_CASE(at::kChar, [&] { launch(scalar_t{}); })
                          AT_DISPATCH_CASE(at::kByte, [&] { launch(scalar_t{}); }));
     });
-    return {codes, dequantized};
+    return {call.codes, call.dequantized};
   }
 
   static Tensor init_v(const Tensor& weight, const Tensor& scale, std::optional<int64_t> axis) {

@@ -1,5 +1,6 @@
 // The Python module adaround_ext._C. Importing it runs the TORCH_LIBRARY registrations of the
 // ops; the module itself only reports how it was built.
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
@@ -7,13 +8,16 @@
 #include <string>
 
 #include "../device/emulation.h"
+#include "../grid.h"
 #include "../iteration_graph.h"
+#include "../loop/run_checks.h"
+#include "../optimize_options.h"
 #include "../progress.h"
 
 namespace {
 
 // The exception a signal handler raised while optimize_layer ran (KeyboardInterrupt for Ctrl-C), kept
-// until adaround_ext.layer raises it again once the op has returned; nullptr when none.
+// until adaround_ext._ops.optimize_layer raises it again once the op has returned; nullptr when none.
 PyObject* g_interrupt = nullptr;
 
 // The loop's interrupt poll (progress.h): runs Python's pending signal handlers, which the loop would
@@ -29,6 +33,35 @@ bool python_signal_pending() {
   Py_XDECREF(g_interrupt);
   g_interrupt = value;
   return true;
+}
+
+// Checks the given optimize_layer options (by name, the others at their defaults) as the op would;
+// a bad value or an unknown name raises ValueError naming the option.
+void check_optimize_options(const pybind11::kwargs& given) {
+  adaround::OptimizeOptions options;
+  size_t known = 0;
+#define ADAROUND_READ(type, name)                      \
+  if (given.contains(#name)) {                         \
+    options.name = given[#name].cast<type>();          \
+    ++known;                                           \
+  }
+  ADAROUND_OPTIMIZE_OPTIONS(ADAROUND_READ)
+#undef ADAROUND_READ
+  if (known != given.size()) {
+    std::string unknown;
+    for (const auto& item : given) {
+      const auto name = item.first.cast<std::string>();
+#define ADAROUND_IS(type, option) name == #option ||
+      if (!(ADAROUND_OPTIMIZE_OPTIONS(ADAROUND_IS) false)) unknown += (unknown.empty() ? "" : ", ") + name;
+#undef ADAROUND_IS
+    }
+    throw pybind11::value_error("optimize_layer has no option " + unknown);
+  }
+  try {
+    adaround::loop::check_options(options);
+  } catch (const c10::Error& e) {
+    throw pybind11::value_error(e.what_without_backtrace());
+  }
 }
 
 }  // namespace
@@ -54,6 +87,15 @@ PYBIND11_MODULE(_C, m) {
         return raised != nullptr ? pybind11::reinterpret_steal<pybind11::object>(raised) : pybind11::none();
       },
       "the exception a signal handler raised during the last optimize_layer (then forgotten), or None");
+  m.def(
+      "code_dtype",
+      [](int64_t quant_min, int64_t quant_max) {
+        const at::ScalarType dtype = adaround::code_dtype(quant_min, quant_max);
+        return pybind11::reinterpret_borrow<pybind11::object>(reinterpret_cast<PyObject*>(torch::getTHPDtype(dtype)));
+      },
+      "the dtype of the integer codes of a [quant_min, quant_max] grid (the kernels' rule, for the fakes)");
+  m.def("check_optimize_options", &check_optimize_options,
+        "raises ValueError for an optimize_layer option (keyword arguments) the op would refuse");
   m.def("set_cuda_emulation", &adaround::emulation::set_enabled,
         "routes the CPU ops to the host emulation of their CUDA kernels (csrc/device/emulation.h)");
   m.def("cuda_emulation", &adaround::emulation::enabled, "whether the CUDA kernels are being emulated on the CPU");

@@ -6,10 +6,9 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.adaround.*)
-from ._ops import hard_quantize, init_v, quant_range, round_regularizer, soft_quantize
+from ._ops import LayerResult, hard_quantize, init_v, optimize_layer, quant_range, round_regularizer, soft_quantize
 from .config import QuantConfig
 from .folding import fold_batchnorm
-from .layer import LayerResult, optimize_layer
 from .modules import ActivationQuantizer, QuantizedLayer
 from .quantize import quantize
 from .report import LayerReport, QuantizationReport

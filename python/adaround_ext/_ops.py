@@ -1,13 +1,22 @@
-"""Thin Python wrappers over torch.ops.adaround.*, with fake (meta) kernels and autograd."""
+"""The Python side of torch.ops.adaround.*: thin wrappers (optimize_layer's with a readable result and a
+progress bar), fake (meta) kernels and autograd."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
+
+from . import _C  # registers torch.ops.adaround.*
+from .config import LOOP_DEFAULTS
 
 _lib = torch.ops.adaround
 
 __all__ = [
+    "LayerResult",
+    "optimize_layer",
     "soft_quantize",
     "round_regularizer",
     "hard_quantize",
@@ -57,6 +66,78 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# ---- optimize_layer -------------------------------------------------------------------------
+
+@dataclass
+class LayerResult:
+    quantized_weight: torch.Tensor  # scale * (codes - zero_point)
+    codes: torch.Tensor  # int8 / uint8 integer codes
+    v: torch.Tensor  # learned rounding variables (see OptimizeResult::v in csrc/optimize_layer.h)
+    loss_curve: torch.Tensor  # sampled total loss
+    nearest_error: float  # reconstruction error on the cache with round-to-nearest
+    adaround_error: float  # ... with the learned rounding
+    undecided_fraction: float  # share of h(V) strictly between 0 and 1
+    exact_mode: bool  # whether the full-data (Gram) mode ran
+
+
+def optimize_layer(weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
+                   zero_point: Optional[torch.Tensor], quant_min: int, quant_max: int, axis: Optional[int],
+                   inputs: torch.Tensor, targets: torch.Tensor, stride: Sequence[int] = (1,),
+                   padding: Sequence[int] = (0,), dilation: Sequence[int] = (1,), groups: int = 1,
+                   transposed: bool = False, output_padding: Sequence[int] = (0,),
+                   progress: Optional[str] = None, **options) -> LayerResult:
+    """Learns the rounding of one Linear, Conv1d/2d or ConvTranspose1d/2d (transposed: weight
+    [in, out / groups, ...]) layer; see csrc/optimize_layer.h.
+
+    options: iterations, batch_size, lr, reg_lambda, beta_start, beta_end, warm_start, schedule,
+    activation, mode, seed, log_every, allow_tf32, cuda_graph (the op's defaults when omitted, which
+    QuantConfig shares).
+    progress: a description to show a tqdm bar over the iterations (None: no bar).
+    """
+    device = weight.device
+    as_device = lambda t: None if t is None else t.detach().to(device)
+    total = options.get("iterations", LOOP_DEFAULTS["iterations"])
+    bar = _iteration_bar(progress, total) if progress else contextlib.nullcontext()
+    with bar:
+        try:
+            out = torch.ops.adaround.optimize_layer(
+                weight.detach(), as_device(bias), as_device(scale), as_device(zero_point), int(quant_min),
+                int(quant_max), axis, inputs, targets, list(stride), list(padding), list(dilation), int(groups),
+                transposed=bool(transposed), output_padding=list(output_padding), **options)
+        except RuntimeError:
+            # The loop polls Python's signal handlers and stops when one raised (Ctrl-C): raise that.
+            interrupt = _C.take_interrupt()
+            if interrupt is not None:
+                raise interrupt from None
+            raise
+    return LayerResult(*out)
+
+
+@contextlib.contextmanager
+def _iteration_bar(description: str, total: int, period: float = 0.25):
+    """A tqdm bar fed from the op's progress counter by a polling thread: the C++ loop runs with the
+    GIL released, so the bar moves while it runs."""
+    from tqdm.auto import tqdm
+
+    stop = threading.Event()
+    bar = tqdm(total=int(total), desc=description, unit="it", leave=False)
+
+    def poll():
+        while not stop.wait(period):
+            bar.update(max(0, min(_C.optimize_progress()[0], bar.total) - bar.n))
+
+    _C.reset_optimize_progress()  # else the previous call's count shows until this one starts
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        thread.join()
+        bar.update(bar.total - bar.n)
+        bar.close()
+
+
 # ---- fake kernels: shapes and dtypes only, so the ops trace under torch.compile -------------
 # They also serve the meta device, where a call that mixes meta and real tensors lands: the devices
 # are checked, as the real kernels check them.
@@ -90,14 +171,10 @@ def _(grad_output, v, beta):
     return torch.empty_like(v)
 
 
-def _code_dtype(quant_min: int, quant_max: int) -> torch.dtype:
-    return torch.int8 if quant_min >= -128 and quant_max <= 127 else torch.uint8
-
-
 @torch.library.register_fake("adaround::hard_quantize")
 def _(weight, scale, zero_point, quant_min, quant_max, axis=None, mode="nearest", v=None, noise=None):
     _same_device("weight", weight, scale=scale, zero_point=zero_point, v=v, noise=noise)
-    codes = torch.empty(weight.shape, dtype=_code_dtype(quant_min, quant_max), device=weight.device)
+    codes = torch.empty(weight.shape, dtype=_C.code_dtype(quant_min, quant_max), device=weight.device)
     return codes, torch.empty_like(weight)
 
 

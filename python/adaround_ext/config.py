@@ -8,12 +8,26 @@ from typing import Optional
 
 import torch
 
+from . import _C  # registers torch.ops.adaround.optimize_layer, whose schema holds the loop's defaults
+
 ROUNDINGS = ("adaround", "nearest", "floor", "ceil", "stochastic")
 SCALE_METHODS = ("minmax", "mse")
 LOSS_ACTIVATIONS = ("auto", "none", "relu", "relu6")
-MODES = ("minibatch", "exact", "auto")
-SCHEDULES = ("cosine", "linear")
 CACHE_PLACEMENTS = ("auto", "device", "host")
+
+
+def _loop_defaults() -> dict:
+    """optimize_layer's options and their defaults, read from the op's schema (the C++ side lists them
+    once, csrc/optimize_options.h)."""
+    schema = torch.ops.adaround.optimize_layer.default._schema
+    return {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+
+
+LOOP_DEFAULTS = _loop_defaults()
+# The QuantConfig fields that are optimize_layer options of the same name: their defaults come from
+# the op, and the op's own check validates them (each layer's activation and seed are set per layer).
+LOOP_FIELDS = ("iterations", "batch_size", "lr", "reg_lambda", "beta_start", "beta_end", "warm_start", "schedule",
+               "mode", "cuda_graph")
 # The Python types each annotation admits (bool is an int to Python, never a count here).
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
 
@@ -28,14 +42,14 @@ class QuantConfig:
     first_layer_bits: Optional[int] = None  # None: weight_bits
     last_layer_bits: Optional[int] = None
     rounding: str = "adaround"  # or a baseline: nearest, floor, ceil, stochastic
-    iterations: int = 10000
-    batch_size: int = 32
-    lr: float = 1e-3
-    reg_lambda: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warm_start: float = 0.2
-    schedule: str = "cosine"
+    iterations: int = LOOP_DEFAULTS["iterations"]
+    batch_size: int = LOOP_DEFAULTS["batch_size"]
+    lr: float = LOOP_DEFAULTS["lr"]
+    reg_lambda: float = LOOP_DEFAULTS["reg_lambda"]
+    beta_start: float = LOOP_DEFAULTS["beta_start"]
+    beta_end: float = LOOP_DEFAULTS["beta_end"]
+    warm_start: float = LOOP_DEFAULTS["warm_start"]
+    schedule: str = LOOP_DEFAULTS["schedule"]
     loss_activation: str = "auto"  # "auto": the ReLU/ReLU6 that follows the layer, if any
     asymmetric_reconstruction: bool = True  # inputs from the partly quantized model (x^)
     # With activation_bits and asymmetric reconstruction: each layer's x^ passes through the layer's own
@@ -45,7 +59,7 @@ class QuantConfig:
     # AIMET does; on the testbed that scored 0.11-0.16 points higher at W4A8
     # (benchmarks/results/2026-12-01-readme-history.md).
     quantized_inputs: bool = False
-    mode: str = "auto"  # minibatch, exact (full-data Gram, identity loss only) or auto
+    mode: str = LOOP_DEFAULTS["mode"]  # minibatch, exact (full-data Gram, identity loss only) or auto
     num_samples: int = 1024
     # Where the per-layer caches live: "device" (with the weights), "host" (pinned CPU memory, streamed
     # to the GPU a minibatch at a time; CUDA only) or "auto" (device when they fit in free GPU memory).
@@ -53,7 +67,7 @@ class QuantConfig:
     device: Optional[str] = None  # None: cuda when available, else cpu
     # CUDA with the caches on the GPU: replay each iteration from a captured CUDA graph. The same
     # result; off by default until it has run on a GPU (docs/design.md#cuda-graph).
-    cuda_graph: bool = False
+    cuda_graph: bool = LOOP_DEFAULTS["cuda_graph"]
     seed: int = 0
     progress: bool = True
 
@@ -69,15 +83,17 @@ class QuantConfig:
             if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
                 raise ValueError(f"{name} must be an integer from 2 to 8, got {bits!r}")
         choices = dict(rounding=ROUNDINGS, scale_method=SCALE_METHODS, loss_activation=LOSS_ACTIVATIONS,
-                       mode=MODES, schedule=SCHEDULES, cache_placement=CACHE_PLACEMENTS)
+                       cache_placement=CACHE_PLACEMENTS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        for name in ("iterations", "batch_size", "num_samples"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.warm_start < 1:
-            raise ValueError(f"warm_start must be in [0, 1), got {self.warm_start}")
+        if self.num_samples <= 0:
+            raise ValueError(f"num_samples must be > 0, got {self.num_samples}")
+        _C.check_optimize_options(**self.loop_options())
+
+    def loop_options(self) -> dict:
+        """The optimize_layer options this configuration sets, by the op's names."""
+        return {name: getattr(self, name) for name in LOOP_FIELDS}
 
     def _validate_types(self) -> None:
         for field in dataclasses.fields(self):

@@ -9,13 +9,11 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .layer_kinds import CONV_TYPES, kind_of
 from .modules import set_submodule
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
 log = logging.getLogger("adaround_ext")
-
-
 
 
 def conv_bn_pairs(model: nn.Module):
@@ -35,8 +33,8 @@ def conv_bn_pairs(model: nn.Module):
         sources = {n.args[0].target if isinstance(n.args[0], fx.Node) and n.args[0].op == "call_module" else None
                    for n in bn_calls}
         conv_name = next(iter(sources)) if len(sources) == 1 else None
-        if conv_name is None or not isinstance(modules.get(conv_name), _CONVS):
-            if any(isinstance(modules.get(src), _CONVS) for src in sources):
+        if conv_name is None or not isinstance(modules.get(conv_name), CONV_TYPES):
+            if any(isinstance(modules.get(src), CONV_TYPES) for src in sources):
                 kept.append(f"{bn_name} (follows more than one conv)")
             continue
         feeds_only_bn = all(len(c.users) == 1 and next(iter(c.users)).target == bn_name for c in calls[conv_name])
@@ -55,7 +53,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     for conv_name, bn_name in conv_bn_pairs(model):
         conv = model.get_submodule(conv_name)
         bn = model.get_submodule(bn_name)
-        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
-        set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn, transpose=transposed))
+        set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn, transpose=kind_of(conv).transposed))
         set_submodule(model, bn_name, nn.Identity())
     return model

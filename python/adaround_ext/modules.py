@@ -5,7 +5,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .layer_kinds import LAYER_KINDS, kind_of
 
 
 class ActivationQuantizer(nn.Module):
@@ -78,13 +79,8 @@ class QuantizedLayer(nn.Module):
 def apply_layer(layer, x, w, bias):
     """The Linear/Conv computation of `layer` (kind and geometry attributes) with weight `w`; shared by
     QuantizedLayer and the ONNX export view."""
-    if layer.kind == "linear":
-        return F.linear(x, w, bias)
-    if is_transposed(layer.kind):
-        conv = F.conv_transpose2d if layer.kind == "conv_transpose2d" else F.conv_transpose1d
-        return conv(x, w, bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
-    conv = F.conv2d if layer.kind == "conv2d" else F.conv1d
-    return conv(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return LAYER_KINDS[layer.kind].apply(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups,
+                                         layer.output_padding)
 
 
 def check_output_path(path: str) -> None:
@@ -102,25 +98,21 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-_KIND_OF_TYPE = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Conv1d: "conv1d",
-                 nn.ConvTranspose2d: "conv_transpose2d", nn.ConvTranspose1d: "conv_transpose1d"}
-KINDS = tuple(_KIND_OF_TYPE.values())
+KINDS = tuple(LAYER_KINDS)
 
 
 def layer_kind(module: nn.Module) -> Optional[str]:
-    for cls, kind in _KIND_OF_TYPE.items():
-        if isinstance(module, cls):
-            return kind
-    return None
+    kind = kind_of(module)
+    return None if kind is None else kind.name
 
 
 def is_transposed(kind: str) -> bool:
-    return kind.startswith("conv_transpose")
+    return LAYER_KINDS[kind].transposed
 
 
 def channel_axis(kind: str) -> int:
     """The weight axis of the output channels: ConvTranspose weights are [in, out / groups, ...]."""
-    return 1 if is_transposed(kind) else 0
+    return LAYER_KINDS[kind].channel_axis
 
 
 def float_weight_layers(model: nn.Module, quantized) -> list:
@@ -153,12 +145,13 @@ def explicit_padding(module: nn.Module) -> tuple:
 
 
 def geometry(module: nn.Module) -> dict:
-    if isinstance(module, nn.Linear):
+    kind = kind_of(module)
+    if not kind.is_conv:
         return dict(stride=(1,), padding=(0,), dilation=(1,), groups=1)
     if module.padding_mode != "zeros":
         raise ValueError(f"padding_mode={module.padding_mode!r} is not supported; only zeros")
     geo = dict(stride=tuple(module.stride), padding=explicit_padding(module), dilation=tuple(module.dilation),
                groups=module.groups)
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+    if kind.transposed:
         geo["output_padding"] = tuple(module.output_padding)
     return geo

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 from . import _C
 from .caching import CHUNK, make_layer_caches
-from ._ops import hard_quantize
+from ._ops import hard_quantize, optimize_layer
 from .checkpoint import Checkpoint, fingerprint
 from .config import QuantConfig
+from .layer_kinds import LAYER_KINDS
 from .folding import conv_bn_pairs, fold_batchnorm
-from .layer import optimize_layer
 from .modules import (ActivationQuantizer, QuantizedLayer, channel_axis, float_weight_layers, geometry,
                       is_transposed, layer_kind, set_submodule)
 from .report import LayerReport, QuantizationReport
@@ -298,7 +298,7 @@ def _quantize_layer(caches, name, module, kind, bits, index, activations, config
         t_cache = time.perf_counter()
         inputs, targets = caches.build(name, activation)
         batch_size = config.batch_size
-        if kind == "linear" and inputs.dim() > 2:
+        if not LAYER_KINDS[kind].is_conv and inputs.dim() > 2:
             # A Linear over tokens (e.g. a transformer's MLP): every position is one row of the
             # reconstruction, and a minibatch draws as many rows as batch_size samples hold.
             batch_size *= inputs[0].numel() // inputs.shape[-1]
@@ -312,13 +312,10 @@ def _quantize_layer(caches, name, module, kind, bits, index, activations, config
                  (inputs.numel() + targets.numel()) * 4 / 2**20,
                  ", streamed to the GPU per minibatch" if inputs.device != device else "")
         t_opt = time.perf_counter()
+        options = dict(config.loop_options(), batch_size=batch_size, activation=activation, seed=seed)
         result = optimize_layer(weight, module.bias, scale, zero_point, n, p, axis, inputs, targets,
-                                **geometry(module), transposed=is_transposed(kind), iterations=config.iterations,
-                                batch_size=batch_size, lr=config.lr, reg_lambda=config.reg_lambda,
-                                beta_start=config.beta_start, beta_end=config.beta_end,
-                                warm_start=config.warm_start, schedule=config.schedule, activation=activation,
-                                mode=config.mode, seed=seed, cuda_graph=config.cuda_graph,
-                                progress=name if config.progress else None)
+                                **geometry(module), transposed=is_transposed(kind),
+                                progress=name if config.progress else None, **options)
         report.seconds = time.perf_counter() - t_opt
         codes = result.codes
         report.mode = "exact" if result.exact_mode else "minibatch"

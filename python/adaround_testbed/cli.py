@@ -13,13 +13,14 @@ import time
 
 import torch
 
-from .checkpoint import config_tag
-from .config import QuantConfig
-from .quantize import quantize
-from .encodings import export_encodings
-from .onnx_export import export_onnx
-from .plots import save_report_plot
-from .serialization import save_quantized
+from adaround_ext.checkpoint import config_tag
+from adaround_ext.config import QuantConfig
+from adaround_ext.encodings import export_encodings
+from adaround_ext.onnx_export import export_onnx
+from adaround_ext.plots import save_report_plot
+from adaround_ext.quantize import quantize
+from adaround_ext.serialization import save_quantized
+
 from . import testbed
 
 # name: (description, QuantConfig overrides)

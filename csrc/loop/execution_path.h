@@ -1,0 +1,71 @@
+// How one iteration of optimize_layer computes dL/dW~: the execution paths, and choose_path(), the one
+// place that decides which runs for a layer (device, shapes, sizes). Every path computes the
+// gradient of the same loss on the same rows; they differ in how the caches are laid out and which
+// kernels do the work (docs/design.md#execution-paths).
+//
+// Adding a path: one file that implements ExecutionPath and its make_* function (declared below),
+// plus its condition in choose_path(). CPU-only paths live in csrc/cpu/, the others here.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "loop/layer.h"
+#include "optimize_layer.h"
+
+namespace adaround::loop {
+
+// Largest cache, in elements, that a path copies into another layout (unfolded, channels-last,
+// Winograd-transformed); larger layers take the eager path, which reads the caches as they are.
+constexpr int64_t kMaxRelaidElements = int64_t(1) << 28;
+
+// What every path is built from, filled once by the loop. References live as long as the loop.
+struct PathInputs {
+  const Layer& layer;
+  const at::Tensor& weight;  // working dtype, contiguous, on the loop's device
+  const std::optional<at::Tensor>& bias;
+  const at::Tensor& inputs;   // x^, on the weight's device or (streamed) in host memory
+  const at::Tensor& targets;  // f_a(W x + b) of the float layer
+  std::optional<int64_t> axis;
+  Activation activation;
+  const std::string& activation_name;
+  int64_t batch_size;
+  double norm;  // 1 / (rows per minibatch x output positions): the loss is a mean
+};
+
+class ExecutionPath {
+ public:
+  virtual ~ExecutionPath() = default;
+  // Whether the path works on the whole cache (then it reads no minibatch rows).
+  virtual bool full_data() const { return false; }
+  // The columns of the [out, K] weight matrix the path learns; undefined: all of them. The loop
+  // learns only these, and rounds the others (which never see data) to nearest.
+  virtual at::Tensor live_columns() const { return {}; }
+  // dL/dW~ at w_soft (shaped like the learned weight) over the minibatch `rows` (int64 [batch],
+  // unused for full data). With `loss`, also the sampled loss: a 0-dim tensor, read by no one here.
+  virtual at::Tensor gradient(const at::Tensor& w_soft, const at::Tensor& rows, at::Tensor* loss) = 0;
+};
+
+// The path for this layer. `cpu_paths`: whether the CPU's own paths may run (on a CPU, not while it
+// emulates a GPU). Also checks that a minibatch fits in the cache.
+std::unique_ptr<ExecutionPath> choose_path(const PathInputs& in, const OptimizeOptions& options, bool cpu_paths);
+
+// ---- the paths (each make_* in its own file) --------------------------------------------------
+// Full-data Gram form of the identity-activation loss (exact_gram_path.cpp).
+std::unique_ptr<ExecutionPath> make_exact_gram_path(const PathInputs& in);
+// at::linear / at::convolution on the gathered rows, any device, caches also streamed from host
+// memory; `im2col_weight_grad`: the weight gradient as one GEMM (eager_path.cpp).
+std::unique_ptr<ExecutionPath> make_eager_path(const PathInputs& in, bool im2col_weight_grad);
+// CPU: the cache unfolded once, two GEMMs per iteration over the live columns
+// (cpu/unfolded_gemm_path.cpp).
+std::unique_ptr<ExecutionPath> make_unfolded_gemm_path(const PathInputs& in);
+// CPU: the eager computation on channels-last copies of the caches (cpu/channels_last_path.cpp).
+std::unique_ptr<ExecutionPath> make_channels_last_path(const PathInputs& in, bool im2col_weight_grad);
+// CPU: Winograd F(m x m, 3x3) over caches transformed once; nullptr where no implemented tile fits
+// the outputs, the transformed caches would not fit, or ADAROUND_WINOGRAD=0 (cpu/winograd_path.cpp).
+std::unique_ptr<ExecutionPath> make_winograd_path(const PathInputs& in);
+
+}  // namespace adaround::loop

@@ -117,6 +117,16 @@ void check_soft_quantize_backward_args(const at::Tensor& grad_output, const at::
               " but weight is on ", weight.device());
 }
 
+SoftQuantizeBackwardOperands soft_quantize_backward_operands(const at::Tensor& grad_output, const at::Tensor& weight,
+                                                             const at::Tensor& v) {
+  SoftQuantizeBackwardOperands ops;
+  ops.weight = weight.contiguous();
+  ops.v = v.contiguous();
+  ops.grad_output = grad_output.to(ops.weight.scalar_type()).contiguous();
+  ops.grad_v = at::empty_like(ops.v);
+  return ops;
+}
+
 void check_regularizer_args(const at::Tensor& v, double beta) {
   TORCH_CHECK(v.scalar_type() == at::kFloat || v.scalar_type() == at::kDouble,
               "v must be float32 or float64, got ", v.scalar_type());
@@ -154,10 +164,13 @@ HardQuantizeCall prepare_hard_quantize(const at::Tensor& weight, const at::Tenso
   // A NaN has no code (its conversion to an integer is undefined); an infinite weight would take the
   // grid's end silently. Checked where reading is free.
   if (weight.is_cpu()) TORCH_CHECK(at::isfinite(weight).all().item<bool>(), "weight contains NaN or Inf");
-  call.weight = weight.contiguous();
-  call.codes = at::empty(call.weight.sizes(), call.weight.options().dtype(code_dtype(quant_min, quant_max)));
-  call.dequantized = at::empty_like(call.weight);
   return call;
+}
+
+void HardQuantizeCall::allocate(const at::Tensor& w, int64_t quant_min, int64_t quant_max) {
+  weight = w.contiguous();
+  codes = at::empty(weight.sizes(), weight.options().dtype(code_dtype(quant_min, quant_max)));
+  dequantized = at::empty_like(weight);
 }
 
 RoundingMode parse_rounding_mode(const std::string& mode) {

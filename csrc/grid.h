@@ -43,6 +43,14 @@ void check_rounding_variable(const at::Tensor& weight, const at::Tensor& v, cons
 // grad_output shaped like weight and on its device.
 void check_soft_quantize_backward_args(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& v);
 
+// soft_quantize_backward's operands after its checks (and after the caller's own last one, the device
+// glue's guard): weight, V and dL/dW~ (in the weight's dtype) contiguous, dL/dV allocated like V.
+struct SoftQuantizeBackwardOperands {
+  at::Tensor weight, v, grad_output, grad_v;
+};
+SoftQuantizeBackwardOperands soft_quantize_backward_operands(const at::Tensor& grad_output, const at::Tensor& weight,
+                                                             const at::Tensor& v);
+
 // Checks the round_regularizer arguments: V float32/float64, beta finite and >= 1.
 void check_regularizer_args(const at::Tensor& v, double beta);
 
@@ -52,15 +60,17 @@ void check_regularizer_args(const at::Tensor& v, double beta);
 at::Tensor rounding_aux(RoundingMode mode, const at::Tensor& weight, const std::optional<at::Tensor>& v,
                         const std::optional<at::Tensor>& noise);
 
-// hard_quantize once its arguments passed every check, with its outputs allocated: where the CPU
-// kernel and the device glue both start. Nothing is copied before the last check.
+// hard_quantize once its arguments passed every check: where the CPU kernel and the device glue both
+// start. allocate() then makes the weight contiguous and allocates the outputs, after the caller's
+// own last check (the device glue's device check and guard): a bad call copies nothing.
 struct HardQuantizeCall {
   QuantGrid grid;
   RoundingMode mode;
   at::Tensor aux;          // V, the noise, or undefined (rounding_aux)
-  at::Tensor weight;       // contiguous
-  at::Tensor codes;        // code_dtype, the weight's shape
-  at::Tensor dequantized;  // the weight's dtype and shape
+  at::Tensor weight;       // after allocate(): contiguous
+  at::Tensor codes;        // after allocate(): code_dtype, the weight's shape
+  at::Tensor dequantized;  // after allocate(): the weight's dtype and shape
+  void allocate(const at::Tensor& weight, int64_t quant_min, int64_t quant_max);
 };
 HardQuantizeCall prepare_hard_quantize(const at::Tensor& weight, const at::Tensor& scale,
                                        const std::optional<at::Tensor>& zero_point, int64_t quant_min,

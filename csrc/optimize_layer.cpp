@@ -7,10 +7,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/DeviceGuard.h>
 
-#include "active_weights.h"
-#include "device/emulation.h"
 #include "grid.h"
 #include "iteration_graph.h"
+#include "loop/active_weights.h"
 #include "loop/backend_flags.h"
 #include "loop/execution_path.h"
 #include "loop/layer.h"
@@ -51,9 +50,7 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
   // Kernels go to the current device's streams: make that the weight's device (which need not be the
   // current one) for the whole loop.
   const c10::OptionalDeviceGuard on_weight_device(weight.device());
-  // The CPU's own paths and packing run on a CPU that does not emulate a GPU (device/emulation.h);
-  // otherwise the loop takes the form it has on the GPU.
-  const bool cpu_paths = weight.is_cpu() && !emulation::enabled();
+  const bool cpu_paths = loop::cpu_paths_allowed(weight);
   const QuantGrid grid = make_grid(weight, grid_args.scale, grid_args.zero_point, grid_args.quant_min,
                                    grid_args.quant_max, grid_args.axis, GridValueCheck::kAlways);
   loop::check_finite(inputs, "inputs");

@@ -1,7 +1,6 @@
 #include "optimize_options.h"
 
-#include <cstdio>
-#include <cstdlib>
+#include <charconv>
 #include <sstream>
 
 namespace adaround {
@@ -10,14 +9,12 @@ namespace {
 std::string literal(int64_t v) { return std::to_string(v); }
 std::string literal(bool v) { return v ? "True" : "False"; }
 std::string literal(const std::string& v) { return "'" + v + "'"; }
-// The shortest decimal that reads back as the same double, with a point so that it parses as a float.
+// The shortest decimal that reads back as the same double (std::to_chars: independent of the locale),
+// with a point so that it reads as a float ("20.").
 std::string literal(double v) {
   char buffer[32];
-  for (int digits = 1; digits <= 17; ++digits) {
-    std::snprintf(buffer, sizeof(buffer), "%.*g", digits, v);
-    if (std::strtod(buffer, nullptr) == v) break;
-  }
-  std::string s(buffer);
+  const auto result = std::to_chars(buffer, buffer + sizeof(buffer), v);
+  std::string s(buffer, result.ptr);
   return s.find_first_of(".e") == std::string::npos ? s + "." : s;
 }
 

@@ -26,10 +26,23 @@ void for_each_grid_run(int64_t numel, const QuantGrid& grid, const Body& body) {
                        [&](int64_t b, int64_t e, int64_t c) { body(b, e, s_ptr[c], z_ptr[c]); });
 }
 
-// floor(W / s) + z for the float weights at w (typed void: the callers' branch for other dtypes is
-// discarded only after it has been compiled).
-inline FloatVec grid_base(const void* w, const FloatVec& s, float z) {
-  return (FloatVec::loadu(w) / s).floor() + FloatVec(z);
+// Every element of a weight in its channel's grid, with base = floor(W / s) + z: vec(i, base, s, z)
+// on FloatVec::size() float weights at a time (float weights only), scalar(i, base, s, z) on the
+// rest. The callers hold the formulas. (vec is compiled for every dtype, called for float only.)
+template <typename scalar_t, typename T, typename VecFn, typename ScalarFn>
+void for_each_grid_element(const scalar_t* w, int64_t numel, const QuantGrid& grid, const VecFn& vec,
+                           const ScalarFn& scalar) {
+  for_each_grid_run<T>(numel, grid, [&](int64_t b, int64_t e, T s, T z) {
+    vectorized_run<scalar_t>(
+        b, e,
+        [&](int64_t i) {
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            const FloatVec sv(s), zv(z);
+            vec(i, (FloatVec::loadu(w + i) / sv).floor() + zv, sv, zv);
+          }
+        },
+        [&](int64_t i) { scalar(i, std::floor(T(w[i]) / s) + z, s, z); });
+  });
 }
 
 Tensor soft_quantize_cpu(const Tensor& weight, const Tensor& v, const Tensor& scale,
@@ -46,23 +59,15 @@ Tensor soft_quantize_cpu(const Tensor& weight, const Tensor& v, const Tensor& sc
     const T* v_ptr = vc.const_data_ptr<T>();
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     const T qmin = T(grid.qmin), qmax = T(grid.qmax);
-    for_each_grid_run<T>(w.numel(), grid, [&](int64_t b, int64_t e, T s, T z) {
-      vectorized_run<scalar_t>(
-          b, e,
-          [&](int64_t i) {
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              const FloatVec sv(s);
-              const FloatVec base = grid_base(w_ptr + i, sv, z);
-              const FloatVec h = rectified_sigmoid<FloatVec, VecOps>(FloatVec::loadu(v_ptr + i));
-              soft_quantize<FloatVec, VecOps>(base, h, sv, FloatVec(z), FloatVec(qmin), FloatVec(qmax))
-                  .store(out_ptr + i);
-            }
-          },
-          [&](int64_t i) {
-            const T base = std::floor(T(w_ptr[i]) / s) + z;
-            out_ptr[i] = scalar_t(soft_quantize<T>(base, rectified_sigmoid<T>(v_ptr[i]), s, z, qmin, qmax));
-          });
-    });
+    for_each_grid_element<scalar_t, T>(
+        w_ptr, w.numel(), grid,
+        [&](int64_t i, const FloatVec& base, const FloatVec& s, const FloatVec& z) {
+          const FloatVec h = rectified_sigmoid<FloatVec, VecOps>(FloatVec::loadu(v_ptr + i));
+          soft_quantize<FloatVec, VecOps>(base, h, s, z, FloatVec(qmin), FloatVec(qmax)).store(out_ptr + i);
+        },
+        [&](int64_t i, T base, T s, T z) {
+          out_ptr[i] = scalar_t(soft_quantize<T>(base, rectified_sigmoid<T>(v_ptr[i]), s, z, qmin, qmax));
+        });
   });
   return out;
 }
@@ -72,10 +77,7 @@ Tensor soft_quantize_backward_cpu(const Tensor& grad_output, const Tensor& weigh
                                   int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis) {
   const QuantGrid grid = make_grid(weight, scale, zero_point, quant_min, quant_max, axis);
   check_soft_quantize_backward_args(grad_output, weight, v);
-  const Tensor w = weight.contiguous();
-  const Tensor vc = v.contiguous();
-  const Tensor g = grad_output.to(w.scalar_type()).contiguous();
-  Tensor grad_v = at::empty_like(vc);
+  const auto [w, vc, g, grad_v] = soft_quantize_backward_operands(grad_output, weight, v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "soft_quantize_backward_cpu", [&] {
     using T = opmath_t<scalar_t>;
     const scalar_t* w_ptr = w.const_data_ptr<scalar_t>();
@@ -83,28 +85,21 @@ Tensor soft_quantize_backward_cpu(const Tensor& grad_output, const Tensor& weigh
     const T* v_ptr = vc.const_data_ptr<T>();
     T* out_ptr = grad_v.mutable_data_ptr<T>();
     const T qmin = T(grid.qmin), qmax = T(grid.qmax);
-    for_each_grid_run<T>(w.numel(), grid, [&](int64_t b, int64_t e, T s, T z) {
-      vectorized_run<scalar_t>(
-          b, e,
-          [&](int64_t i) {
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              const FloatVec sv(s);
-              const FloatVec base = grid_base(w_ptr + i, sv, z);
-              const FloatVec vv = FloatVec::loadu(v_ptr + i);
-              const FloatVec h = rectified_sigmoid<FloatVec, VecOps>(vv);
-              const FloatVec dh = rectified_sigmoid_grad<FloatVec, VecOps>(vv);
-              (FloatVec::loadu(g_ptr + i) *
-               soft_quantize_grad<FloatVec, VecOps>(base, h, dh, sv, FloatVec(qmin), FloatVec(qmax)))
-                  .store(out_ptr + i);
-            }
-          },
-          [&](int64_t i) {
-            const T base = std::floor(T(w_ptr[i]) / s) + z;
-            const T vi = v_ptr[i];
-            out_ptr[i] = T(g_ptr[i]) * soft_quantize_grad<T>(base, rectified_sigmoid<T>(vi),
-                                                             rectified_sigmoid_grad<T>(vi), s, qmin, qmax);
-          });
-    });
+    for_each_grid_element<scalar_t, T>(
+        w_ptr, w.numel(), grid,
+        [&](int64_t i, const FloatVec& base, const FloatVec& s, const FloatVec&) {
+          const FloatVec vv = FloatVec::loadu(v_ptr + i);
+          const FloatVec h = rectified_sigmoid<FloatVec, VecOps>(vv);
+          const FloatVec dh = rectified_sigmoid_grad<FloatVec, VecOps>(vv);
+          (FloatVec::loadu(g_ptr + i) * soft_quantize_grad<FloatVec, VecOps>(base, h, dh, s, FloatVec(qmin),
+                                                                            FloatVec(qmax)))
+              .store(out_ptr + i);
+        },
+        [&](int64_t i, T base, T s, T) {
+          const T vi = v_ptr[i];
+          out_ptr[i] = T(g_ptr[i]) * soft_quantize_grad<T>(base, rectified_sigmoid<T>(vi),
+                                                           rectified_sigmoid_grad<T>(vi), s, qmin, qmax);
+        });
   });
   return grad_v;
 }
@@ -177,8 +172,9 @@ std::tuple<Tensor, Tensor> hard_quantize_cpu(const Tensor& weight, const Tensor&
                                              int64_t quant_max, std::optional<int64_t> axis,
                                              c10::string_view mode_name, const std::optional<Tensor>& v,
                                              const std::optional<Tensor>& noise) {
-  const HardQuantizeCall call = prepare_hard_quantize(weight, scale, zero_point, quant_min, quant_max, axis,
-                                                      std::string(mode_name), v, noise);
+  HardQuantizeCall call = prepare_hard_quantize(weight, scale, zero_point, quant_min, quant_max, axis,
+                                                std::string(mode_name), v, noise);
+  call.allocate(weight, quant_min, quant_max);
   const QuantGrid& grid = call.grid;
   const RoundingMode mode = call.mode;
   const Tensor &w = call.weight, &aux = call.aux, &codes = call.codes, &dequant = call.dequantized;

@@ -8,7 +8,7 @@
 #include "../rounding_math.h"
 #include "../step_checks.h"
 #include "cpu_loops.h"
-#include "step_kernels.h"
+#include "loop/execution_path.h"
 
 namespace adaround::cpu {
 namespace {

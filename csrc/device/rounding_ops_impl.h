@@ -63,10 +63,7 @@ struct RoundingKernels {
     const QuantGrid grid = make_grid(weight, scale, zero_point, quant_min, quant_max, axis);
     check_soft_quantize_backward_args(grad_output, weight, v);
     [[maybe_unused]] const auto guard = on_device_of<Launch>(weight, "weight");
-    const Tensor w = weight.contiguous();
-    const Tensor vc = v.contiguous();
-    const Tensor g = grad_output.to(w.scalar_type()).contiguous();
-    Tensor grad_v = at::empty_like(vc);
+    const auto [w, vc, g, grad_v] = soft_quantize_backward_operands(grad_output, weight, v);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "soft_quantize_backward", [&] {
       using T = opmath_t<scalar_t>;
       Launch::elementwise(w.numel(), SoftQuantizeBackwardElement<scalar_t, T>{
@@ -116,6 +113,7 @@ struct RoundingKernels {
     HardQuantizeCall call = prepare_hard_quantize(weight, scale, zero_point, quant_min, quant_max, axis,
                                                   std::string(mode_name), v, noise);
     [[maybe_unused]] const auto guard = on_device_of<Launch>(weight, "weight");
+    call.allocate(weight, quant_min, quant_max);
     const Tensor &w = call.weight, &aux = call.aux;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "hard_quantize", [&] {
       using T = opmath_t<scalar_t>;

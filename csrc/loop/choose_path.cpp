@@ -1,6 +1,7 @@
 // choose_path(): every device and shape condition that picks a layer's execution path. The CPU
 // thresholds are where one path measured faster than the next on ResNet layers (the figures are in
 // benchmarks/README.md); they change speed only, never the result beyond float rounding.
+#include "device/emulation.h"
 #include "loop/execution_path.h"
 
 namespace adaround::loop {
@@ -66,6 +67,8 @@ bool channels_last_shape(const PathInputs& in) {
 }
 
 }  // namespace
+
+bool cpu_paths_allowed(const at::Tensor& weight) { return weight.is_cpu() && !emulation::enabled(); }
 
 std::unique_ptr<ExecutionPath> choose_path(const PathInputs& in, const OptimizeOptions& opt, bool cpu_paths) {
   if (choose_exact(in, opt)) return make_exact_gram_path(in);

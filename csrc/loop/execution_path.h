@@ -1,5 +1,6 @@
-// How one iteration of optimize_layer computes dL/dW~: the execution paths, and choose_path(), the one
-// place that decides which runs for a layer (device, shapes, sizes). Every path computes the
+// Where the loop meets the back ends beyond dispatcher ops. How one iteration of optimize_layer
+// computes dL/dW~: the execution paths, and choose_path(), the one place that decides which runs for
+// a layer (device, shapes, sizes); and the CPU's packed rounding step (ActiveWeights). Every path computes the
 // gradient of the same loss on the same rows; they differ in how the caches are laid out and which
 // kernels do the work (docs/design.md#execution-paths).
 //
@@ -49,8 +50,12 @@ class ExecutionPath {
   virtual at::Tensor gradient(const at::Tensor& w_soft, const at::Tensor& rows, at::Tensor* loss) = 0;
 };
 
-// The path for this layer. `cpu_paths`: whether the CPU's own paths may run (on a CPU, not while it
-// emulates a GPU). Also checks that a minibatch fits in the cache.
+// Whether the CPU's own paths and weight packing may run for this weight: on a CPU that does not
+// emulate a GPU (device/emulation.h); otherwise the loop takes the form it has on the GPU.
+bool cpu_paths_allowed(const at::Tensor& weight);
+
+// The path for this layer. `cpu_paths`: cpu_paths_allowed(weight). Also checks that a minibatch fits
+// in the cache.
 std::unique_ptr<ExecutionPath> choose_path(const PathInputs& in, const OptimizeOptions& options, bool cpu_paths);
 
 // ---- the paths (each make_* in its own file) --------------------------------------------------
@@ -69,3 +74,23 @@ std::unique_ptr<ExecutionPath> make_channels_last_path(const PathInputs& in, boo
 std::unique_ptr<ExecutionPath> make_winograd_path(const PathInputs& in);
 
 }  // namespace adaround::loop
+
+namespace adaround::cpu {
+
+// ---- the CPU's packed rounding step (cpu/step_kernels.cpp), for ActiveWeights ------------------
+// Packed element i is element index[i] of the full (contiguous) weight-shaped tensors; channel c of
+// the grid owns packed elements [offsets[c], offsets[c + 1]). Both int64, index ascending.
+struct PackedLayout {
+  at::Tensor index;    // [active]
+  at::Tensor offsets;  // [channels + 1]
+};
+
+// adam_rounding_step_ on packed V, Adam moments and grid base (1-D, contiguous), reading dL/dW~
+// from and writing W~ into the full tensors through layout.index. Per element the arithmetic is
+// exactly that of adam_rounding_step_, wherever the element sits in its SIMD vector.
+void adam_rounding_step_packed_(at::Tensor& v, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                                const at::Tensor& grid_base, at::Tensor& soft_weight,
+                                const at::Tensor& grad_soft_weight, const PackedLayout& layout,
+                                const QuantGrid& grid, double reg_lambda, double beta, const AdamStep& adam);
+
+}  // namespace adaround::cpu

@@ -16,10 +16,10 @@ void check_options(const OptimizeOptions& opt) {
   TORCH_CHECK(opt.warm_start >= 0 && opt.warm_start < 1, "warm_start must be in [0, 1), got ", opt.warm_start);
   TORCH_CHECK(opt.schedule == "cosine" || opt.schedule == "linear", "schedule must be cosine or linear, got '",
               opt.schedule, "'");
-  TORCH_CHECK(opt.mode == "minibatch" || opt.mode == "exact" || opt.mode == "auto",
-              "mode must be one of minibatch, exact, auto; got '", opt.mode, "'");
   TORCH_CHECK(opt.log_every >= 0, "log_every must be >= 0, got ", opt.log_every);
   parse_activation(opt.activation);
+  TORCH_CHECK(opt.mode == "minibatch" || opt.mode == "exact" || opt.mode == "auto",
+              "mode must be one of minibatch, exact, auto; got '", opt.mode, "'");
 }
 
 void check_finite(const at::Tensor& t, const char* name) {

@@ -14,6 +14,7 @@ ROUNDINGS = ("adaround", "nearest", "floor", "ceil", "stochastic")
 SCALE_METHODS = ("minmax", "mse")
 LOSS_ACTIVATIONS = ("auto", "none", "relu", "relu6")
 CACHE_PLACEMENTS = ("auto", "device", "host")
+ACTIVATION_RANGES = ("minmax", "mse", "percentile")  # activation_ranges.RANGE_METHODS
 
 
 def _loop_defaults() -> dict:
@@ -59,6 +60,10 @@ class QuantConfig:
     # AIMET does; on the testbed that scored 0.11-0.16 points higher at W4A8
     # (benchmarks/results/2026-12-01-readme-history.md).
     quantized_inputs: bool = False
+    # How each activation quantizer's range is calibrated (activation_ranges.py): "minmax" (the observed
+    # range), "mse" (the clipping with the least quantization error) or "percentile".
+    activation_range: str = "minmax"
+    activation_percentile: float = 99.99  # with activation_range="percentile": the percentile kept at each end
     mode: str = LOOP_DEFAULTS["mode"]  # minibatch, exact (full-data Gram, identity loss only) or auto
     num_samples: int = 1024
     # Where the per-layer caches live: "device" (with the weights), "host" (pinned CPU memory, streamed
@@ -83,10 +88,12 @@ class QuantConfig:
             if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
                 raise ValueError(f"{name} must be an integer from 2 to 8, got {bits!r}")
         choices = dict(rounding=ROUNDINGS, scale_method=SCALE_METHODS, loss_activation=LOSS_ACTIVATIONS,
-                       cache_placement=CACHE_PLACEMENTS)
+                       cache_placement=CACHE_PLACEMENTS, activation_range=ACTIVATION_RANGES)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if not 50 < self.activation_percentile <= 100:
+            raise ValueError(f"activation_percentile must be in (50, 100], got {self.activation_percentile}")
         if self.num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {self.num_samples}")
         _C.check_optimize_options(**self.loop_options())

@@ -24,6 +24,7 @@ from .folding import conv_bn_pairs, fold_batchnorm
 from .modules import (ActivationQuantizer, QuantizedLayer, channel_axis, float_weight_layers, geometry,
                       is_transposed, layer_kind, set_submodule)
 from .report import LayerReport, QuantizationReport
+from .activation_ranges import RangeObserver
 from .scales import init_activation_grid, init_weight_grid
 
 log = logging.getLogger("adaround_ext")
@@ -133,20 +134,16 @@ def _rounded_up_fraction(weight, codes, scale, zero_point, axis):
     return (codes.float() > torch.floor(weight.float() / s) + z).float().mean().item()
 
 
-def calibrate_activations(model: nn.Module, samples: torch.Tensor, bits: int, device, chunk=128) -> None:
-    """Per-tensor min/max ranges of every quantized layer's input; installs the input quantizers."""
+def calibrate_activations(model: nn.Module, samples: torch.Tensor, bits: int, device, chunk=128,
+                          method: str = "minmax", percentile: float = 99.99) -> dict:
+    """Calibrates the per-tensor range of every quantized layer's input by `method`
+    (activation_ranges.py) and installs the input quantizers; returns {layer: (lo, hi)}."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
-    ranges, handles = {}, []
+    observers, handles = {}, []
     for name, module in layers.items():
         module.input_quantizer = None
-
-        def hook(m, args, name=name):
-            x = args[0].detach()
-            lo, hi = x.min().item(), x.max().item()
-            old = ranges.get(name, (lo, hi))
-            ranges[name] = (min(old[0], lo), max(old[1], hi))
-
-        handles.append(module.register_forward_pre_hook(hook))
+        observers[name] = RangeObserver()
+        handles.append(module.register_forward_pre_hook(lambda m, args, name=name: observers[name].observe(args[0])))
     try:
         with torch.no_grad():
             for batch in samples.split(chunk):
@@ -154,10 +151,15 @@ def calibrate_activations(model: nn.Module, samples: torch.Tensor, bits: int, de
     finally:
         for h in handles:
             h.remove()
+    ranges = {}
     for name, module in layers.items():
-        if name in ranges:
-            _check_finite_range(ranges[name], prefix=f"layer {name}: ")
-            module.input_quantizer = _input_quantizer(ranges[name], bits).to(device)
+        observer = observers[name]
+        if observer.lo > observer.hi:  # never called
+            continue
+        _check_finite_range((observer.lo, observer.hi), prefix=f"layer {name}: ")
+        ranges[name] = observer.range(method, bits, percentile)
+        module.input_quantizer = _input_quantizer(ranges[name], bits).to(device)
+    return ranges
 
 
 def quantize(model: nn.Module, calibration_data: CalibrationData, config: Optional[QuantConfig] = None, *,
@@ -230,7 +232,10 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
     report.optimize_seconds = sum(r.seconds for r in report.layers)
     t_cal = time.perf_counter()
     if config.activation_bits is not None and not _inputs_quantized_in_walk(config):
-        calibrate_activations(q_model, samples, config.activation_bits, device)
+        ranges = calibrate_activations(q_model, samples, config.activation_bits, device,
+                                       method=config.activation_range, percentile=config.activation_percentile)
+        for layer_report in report.layers:
+            layer_report.input_range = ranges.get(layer_report.name)
     report.calibrate_seconds = time.perf_counter() - t_cal
     report.total_seconds = time.perf_counter() - t0
     q_model.adaround_report = report
@@ -255,15 +260,18 @@ def _inputs_quantized_in_walk(config) -> bool:
             and config.asymmetric_reconstruction)
 
 
-def _quantize_inputs_(inputs, bits):
-    """Calibrates the layer's input quantizer on its cached x^ and applies it to the cache in place;
-    returns the range."""
-    lo, hi = inputs.min().item(), inputs.max().item()
-    _check_finite_range((lo, hi))
-    quantizer = _input_quantizer((lo, hi), bits)
+def _quantize_inputs_(inputs, config):
+    """Calibrates the layer's input quantizer on its cached x^ (QuantConfig.activation_range) and applies
+    it to the cache in place; returns the range."""
+    observer = RangeObserver()
+    for part in inputs.split(CHUNK):
+        observer.observe(part)
+    _check_finite_range((observer.lo, observer.hi))
+    value_range = observer.range(config.activation_range, config.activation_bits, config.activation_percentile)
+    quantizer = _input_quantizer(value_range, config.activation_bits)
     for part in inputs.split(CHUNK):
         part.copy_(quantizer(part))
-    return lo, hi
+    return value_range
 
 
 def _traceable(model: nn.Module) -> bool:
@@ -304,7 +312,7 @@ def _quantize_layer(caches, name, module, kind, bits, index, activations, config
             batch_size *= inputs[0].numel() // inputs.shape[-1]
             inputs, targets = inputs.reshape(-1, inputs.shape[-1]), targets.reshape(-1, targets.shape[-1])
         if _inputs_quantized_in_walk(config):
-            input_range = _quantize_inputs_(inputs, config.activation_bits)
+            input_range = report.input_range = _quantize_inputs_(inputs, config)
         report.cache_seconds = time.perf_counter() - t_cache
         device = caches.device
         report.cache_location = "pinned host" if inputs.device != device else str(device)

@@ -21,6 +21,7 @@ class LayerReport:
     seconds: float = 0.0  # optimisation
     cache_seconds: float = 0.0
     cache_location: str = ""  # where the caches lived: the device, or "pinned host" (streamed)
+    input_range: Optional[tuple] = None  # the calibrated [lo, hi] of the layer's input quantizer
     loss_curve: List[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -43,12 +44,13 @@ class QuantizationReport:
 
     def table(self) -> str:
         fmt = lambda x, spec: "-" if x is None else format(x, spec)
-        header = ("layer", "shape", "bits", "f_a", "mode", "nearest", "adaround", "undecided", "up", "cache",
-                  "cache s", "opt s")
+        header = ("layer", "shape", "bits", "f_a", "mode", "nearest", "adaround", "undecided", "up", "input range",
+                  "cache", "cache s", "opt s")
+        span = lambda r: "-" if r is None else f"[{r[0]:.3g}, {r[1]:.3g}]"
         rows = [(r.name, "x".join(map(str, r.shape)), str(r.bits), r.loss_activation, r.mode,
                  fmt(r.nearest_error, ".4g"), fmt(r.adaround_error, ".4g"), fmt(r.undecided_fraction, ".2%"),
-                 fmt(r.rounded_up_fraction, ".1%"), r.cache_location or "-", f"{r.cache_seconds:.1f}",
-                 f"{r.seconds:.1f}") for r in self.layers]
+                 fmt(r.rounded_up_fraction, ".1%"), span(r.input_range), r.cache_location or "-",
+                 f"{r.cache_seconds:.1f}", f"{r.seconds:.1f}") for r in self.layers]
         widths = [max(len(x) for x in col) for col in zip(header, *rows)]
         lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in (header, *rows)]
         if self.kept_float:

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._ops import hard_quantize, quant_range
+from .activation_ranges import activation_grid as init_activation_grid  # noqa: F401  (the activation grid)
 
 # Clipping ratios tried by the MSE search (docs/algorithm.md#quantization-grid).
 MSE_RATIOS = torch.linspace(0.3, 1.0, 71).tolist()
@@ -54,12 +55,3 @@ def init_weight_grid(weight: torch.Tensor, bits: int, per_channel: bool, symmetr
         best = (torch.where(better, scale, best[0]),
                 None if zp is None else torch.where(better, zp, best[1]))
     return best[0], best[1], n, p, axis
-
-
-def init_activation_grid(lo: float, hi: float, bits: int):
-    """Per-tensor activation grid from a calibrated range: unsigned when lo >= 0 (after ReLU)."""
-    n, p = 0, 2**bits - 1
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / (p - n), 1e-8)
-    zero_point = int(round(-lo / scale))
-    return scale, min(max(zero_point, n), p), n, p

@@ -14,7 +14,7 @@ import time
 import torch
 
 from adaround_ext.checkpoint import config_tag
-from adaround_ext.config import QuantConfig
+from adaround_ext.config import ACTIVATION_RANGES, QuantConfig
 from adaround_ext.encodings import export_encodings
 from adaround_ext.onnx_export import export_onnx
 from adaround_ext.plots import save_report_plot
@@ -25,6 +25,8 @@ from . import testbed
 
 # name: (description, QuantConfig overrides)
 SETTINGS = {
+    "w8a8": ("W8A8 per-channel, weight-MSE grid", dict(weight_bits=8, activation_bits=8, per_channel=True,
+                                                       scale_method="mse")),
     "w4a8": ("W4A8 per-channel, weight-MSE grid", dict(weight_bits=4, activation_bits=8, per_channel=True,
                                                        scale_method="mse")),
     "w4a8-paper": ("W4A8 per-tensor, weight-MSE grid (paper)", dict(weight_bits=4, activation_bits=8,
@@ -62,6 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--quantized-inputs", action="store_true",
                    help="each layer learns its rounding against its 8-bit quantized inputs; default: activations "
                         "stay in float during AdaRound and are calibrated afterwards (AIMET's way)")
+    p.add_argument("--activation-range", default=QuantConfig.activation_range, choices=ACTIVATION_RANGES,
+                   help="how activation ranges are calibrated: minmax, mse (least quantization error) or percentile")
+    p.add_argument("--activation-percentile", type=float, default=QuantConfig.activation_percentile,
+                   help="with --activation-range percentile: the percentile kept at each end")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--cuda-graph", action="store_true", help="CUDA: replay each iteration from a CUDA graph")
     args = p.parse_args(argv)
@@ -147,7 +153,8 @@ def main(argv=None):
         common = dict(overrides, iterations=args.iterations, num_samples=args.samples, batch_size=args.batch_size,
                       device=device, progress=not args.no_progress, first_layer_bits=args.first_last_bits,
                       last_layer_bits=args.first_last_bits, cuda_graph=args.cuda_graph,
-                      quantized_inputs=args.quantized_inputs)
+                      quantized_inputs=args.quantized_inputs, activation_range=args.activation_range,
+                      activation_percentile=args.activation_percentile)
         nearest_model = quantize(model, calib, QuantConfig(rounding="nearest", **common))
         nearest = testbed.evaluate(nearest_model, *test_set, device=device)
         accs, times = [], []

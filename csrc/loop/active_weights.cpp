@@ -1,4 +1,4 @@
-#include "active_weights.h"
+#include "loop/active_weights.h"
 
 #include "rounding_ops.h"
 #include "step_checks.h"

@@ -9,8 +9,8 @@
 
 #include <optional>
 
-#include "cpu/step_kernels.h"
 #include "grid.h"
+#include "loop/execution_path.h"
 
 namespace adaround {
 

@@ -29,6 +29,8 @@ SETTINGS = {
                                                        scale_method="mse")),
     "w4a8": ("W4A8 per-channel, weight-MSE grid", dict(weight_bits=4, activation_bits=8, per_channel=True,
                                                        scale_method="mse")),
+    "w4a4": ("W4A4 per-channel, weight-MSE grid", dict(weight_bits=4, activation_bits=4, per_channel=True,
+                                                       scale_method="mse")),
     "w4a8-paper": ("W4A8 per-tensor, weight-MSE grid (paper)", dict(weight_bits=4, activation_bits=8,
                                                                     per_channel=False, scale_method="mse")),
     "w4-pc": ("W4A32 per-channel, min-max grid", dict(weight_bits=4, activation_bits=None, per_channel=True,

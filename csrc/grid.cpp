@@ -164,12 +164,13 @@ HardQuantizeCall prepare_hard_quantize(const at::Tensor& weight, const at::Tenso
   // A NaN has no code (its conversion to an integer is undefined); an infinite weight would take the
   // grid's end silently. Checked where reading is free.
   if (weight.is_cpu()) TORCH_CHECK(at::isfinite(weight).all().item<bool>(), "weight contains NaN or Inf");
+  call.weight = weight;
   return call;
 }
 
-void HardQuantizeCall::allocate(const at::Tensor& w, int64_t quant_min, int64_t quant_max) {
-  weight = w.contiguous();
-  codes = at::empty(weight.sizes(), weight.options().dtype(code_dtype(quant_min, quant_max)));
+void HardQuantizeCall::allocate() {
+  weight = weight.contiguous();
+  codes = at::empty(weight.sizes(), weight.options().dtype(code_dtype(grid.qmin, grid.qmax)));
   dequantized = at::empty_like(weight);
 }
 

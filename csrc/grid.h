@@ -67,10 +67,10 @@ struct HardQuantizeCall {
   QuantGrid grid;
   RoundingMode mode;
   at::Tensor aux;          // V, the noise, or undefined (rounding_aux)
-  at::Tensor weight;       // after allocate(): contiguous
+  at::Tensor weight;       // as given; after allocate(): contiguous
   at::Tensor codes;        // after allocate(): code_dtype, the weight's shape
   at::Tensor dequantized;  // after allocate(): the weight's dtype and shape
-  void allocate(const at::Tensor& weight, int64_t quant_min, int64_t quant_max);
+  void allocate();
 };
 HardQuantizeCall prepare_hard_quantize(const at::Tensor& weight, const at::Tensor& scale,
                                        const std::optional<at::Tensor>& zero_point, int64_t quant_min,

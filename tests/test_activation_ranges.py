@@ -1,4 +1,6 @@
 """Activation range calibration (minmax, mse, percentile) against plain formulas."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -100,3 +102,22 @@ def test_pipeline_calibrates_each_input_by_the_method(method, quantized_inputs):
 def test_config_checks_the_range_options(field, value, message):
     with pytest.raises(ValueError, match=message):
         ae.QuantConfig(**{field: value})
+
+
+def test_nan_activations_are_named_not_skipped():
+    """Was: a NaN batch passed min/max unseen (Python's min keeps the old value against NaN): the MSE search
+    then chose 1 % of the range, the percentile failed converting NaN, an all-NaN input got no quantizer."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1e30, -1e30, 0, 0]] * 4))  # inf - inf = NaN at the second layer
+    x = torch.ones(32, 4) * 1e10
+    for method in ("minmax", "mse", "percentile"):
+        config = ae.QuantConfig(rounding="nearest", activation_bits=8, activation_range=method, num_samples=32,
+                                batch_size=8, progress=False, device="cpu")
+        with pytest.raises(ValueError, match="layer 1: its input holds NaN or Inf"):
+            ae.quantize(model, x, config)
+    observer = RangeObserver()
+    observer.observe(torch.tensor([1.0, 2.0]))
+    observer.observe(torch.tensor([float("nan"), 3.0]))
+    observer.observe(torch.tensor([0.5]))
+    assert math.isnan(observer.lo) and math.isnan(observer.hi)

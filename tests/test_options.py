@@ -67,3 +67,9 @@ def test_one_check_for_config_and_op(field, value, message):
 def test_unknown_option_is_named():
     with pytest.raises(ValueError, match="iterationz"):
         _C.check_optimize_options(iterationz=3)
+
+
+def test_option_of_the_wrong_type_is_named():
+    """Was: pybind11's "Unable to cast Python instance of type <class 'str'> to C++ type", naming no option."""
+    with pytest.raises(ValueError, match="option iterations must be int64_t, got 'ten'"):
+        _C.check_optimize_options(iterations="ten")

@@ -174,7 +174,7 @@ std::tuple<Tensor, Tensor> hard_quantize_cpu(const Tensor& weight, const Tensor&
                                              const std::optional<Tensor>& noise) {
   HardQuantizeCall call = prepare_hard_quantize(weight, scale, zero_point, quant_min, quant_max, axis,
                                                 std::string(mode_name), v, noise);
-  call.allocate(weight, quant_min, quant_max);
+  call.allocate();
   const QuantGrid& grid = call.grid;
   const RoundingMode mode = call.mode;
   const Tensor &w = call.weight, &aux = call.aux, &codes = call.codes, &dequant = call.dequantized;

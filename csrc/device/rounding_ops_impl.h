@@ -113,7 +113,7 @@ struct RoundingKernels {
     HardQuantizeCall call = prepare_hard_quantize(weight, scale, zero_point, quant_min, quant_max, axis,
                                                   std::string(mode_name), v, noise);
     [[maybe_unused]] const auto guard = on_device_of<Launch>(weight, "weight");
-    call.allocate(weight, quant_min, quant_max);
+    call.allocate();
     const Tensor &w = call.weight, &aux = call.aux;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "hard_quantize", [&] {
       using T = opmath_t<scalar_t>;

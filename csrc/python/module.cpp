@@ -40,10 +40,15 @@ bool python_signal_pending() {
 void check_optimize_options(const pybind11::kwargs& given) {
   adaround::OptimizeOptions options;
   size_t known = 0;
-#define ADAROUND_READ(type, name)                      \
-  if (given.contains(#name)) {                         \
-    options.name = given[#name].cast<type>();          \
-    ++known;                                           \
+#define ADAROUND_READ(type, name)                                                                  \
+  if (given.contains(#name)) {                                                                     \
+    try {                                                                                          \
+      options.name = given[#name].cast<type>();                                                    \
+    } catch (const pybind11::cast_error&) {                                                        \
+      throw pybind11::value_error("optimize_layer option " #name " must be " #type ", got " +      \
+                                  pybind11::repr(given[#name]).cast<std::string>());               \
+    }                                                                                              \
+    ++known;                                                                                       \
   }
   ADAROUND_OPTIMIZE_OPTIONS(ADAROUND_READ)
 #undef ADAROUND_READ

@@ -16,6 +16,7 @@ import torch
 RANGE_METHODS = ("minmax", "mse", "percentile")
 # Values kept per observed batch: a bounded sample stands for the distribution (all of them when fewer).
 SAMPLE_PER_BATCH = 1 << 16
+_QUANTILE_LIMIT = 1 << 24  # the most values torch.quantile takes
 # Clipping ratios of the observed range tried by the MSE search.
 MSE_RATIOS = torch.linspace(0.01, 1.0, 100).tolist()
 
@@ -40,28 +41,36 @@ class RangeObserver:
 
     def __init__(self, seed: int = 0):
         self.lo, self.hi = math.inf, -math.inf
+        self.observed = False  # whether any value was seen (an all-infinite input also sets lo = inf)
         self._parts = []
         self._generator = torch.Generator().manual_seed(seed)
 
     def observe(self, x: torch.Tensor) -> None:
+        self.observed = True
         values = x.detach().reshape(-1).float()
-        self.lo = min(self.lo, values.min().item())
-        self.hi = max(self.hi, values.max().item())
+        lo, hi = values.min().item(), values.max().item()
+        if math.isnan(lo) or math.isnan(hi) or math.isnan(self.lo):
+            self.lo = self.hi = math.nan  # stays NaN: the range check names it
+            return
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         if values.numel() > SAMPLE_PER_BATCH:
             index = torch.randint(values.numel(), (SAMPLE_PER_BATCH,), generator=self._generator)
             values = values[index.to(values.device)]
         self._parts.append(values.cpu())
 
     def range(self, method: str, bits: int, percentile: float = 99.99) -> Tuple[float, float]:
-        """[lo, hi] by `method` (RANGE_METHODS); the observed min/max where they are not finite."""
+        """[lo, hi] by `method` (RANGE_METHODS); the observed min/max (NaN after a NaN, +-inf after an
+        infinity) where they are not finite."""
         if method not in RANGE_METHODS:
             raise ValueError(f"activation range method must be one of {', '.join(RANGE_METHODS)}, got {method!r}")
         if method == "minmax" or not (math.isfinite(self.lo) and math.isfinite(self.hi)):
             return self.lo, self.hi
         values = torch.cat(self._parts)
         if method == "percentile":
+            if values.numel() > _QUANTILE_LIMIT:  # torch.quantile's limit: an even subset of the sample
+                values = values[torch.randperm(values.numel(), generator=self._generator)[:_QUANTILE_LIMIT]]
             q = torch.tensor([(100.0 - percentile) / 100.0, percentile / 100.0], dtype=torch.float64)
-            lo, hi = torch.quantile(values.double()[: 1 << 24], q).tolist()
+            lo, hi = torch.quantile(values.double(), q).tolist()
             return lo, hi
         best = None
         for ratio in MSE_RATIOS:

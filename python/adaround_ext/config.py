@@ -9,12 +9,12 @@ from typing import Optional
 import torch
 
 from . import _C  # registers torch.ops.adaround.optimize_layer, whose schema holds the loop's defaults
+from .activation_ranges import RANGE_METHODS as ACTIVATION_RANGES
 
 ROUNDINGS = ("adaround", "nearest", "floor", "ceil", "stochastic")
 SCALE_METHODS = ("minmax", "mse")
 LOSS_ACTIVATIONS = ("auto", "none", "relu", "relu6")
 CACHE_PLACEMENTS = ("auto", "device", "host")
-ACTIVATION_RANGES = ("minmax", "mse", "percentile")  # activation_ranges.RANGE_METHODS
 
 
 def _loop_defaults() -> dict:
@@ -57,8 +57,7 @@ class QuantConfig:
     # input quantizer, calibrated on x^ when the walk reaches the layer, so AdaRound learns against the
     # inputs the quantized model will feed it (docs/algorithm.md#asymmetric-reconstruction).
     # Off by default: activations stay in float during AdaRound and are calibrated afterwards, as
-    # AIMET does; on the testbed that scored 0.11-0.16 points higher at W4A8
-    # (benchmarks/results/2026-12-01-readme-history.md).
+    # AIMET does, which scored higher at W4A8 on the testbed (benchmarks/results/2026-12-01-readme-history.md).
     quantized_inputs: bool = False
     # How each activation quantizer's range is calibrated (activation_ranges.py): "minmax" (the observed
     # range), "mse" (the clipping with the least quantization error) or "percentile".

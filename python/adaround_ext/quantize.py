@@ -154,10 +154,9 @@ def calibrate_activations(model: nn.Module, samples: torch.Tensor, bits: int, de
     ranges = {}
     for name, module in layers.items():
         observer = observers[name]
-        if observer.lo > observer.hi:  # never called
+        if not observer.observed:  # never called
             continue
-        _check_finite_range((observer.lo, observer.hi), prefix=f"layer {name}: ")
-        ranges[name] = observer.range(method, bits, percentile)
+        ranges[name] = _calibrated_range(observer, bits, method, percentile, prefix=f"layer {name}: ")
         module.input_quantizer = _input_quantizer(ranges[name], bits).to(device)
     return ranges
 
@@ -214,8 +213,9 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
                 report.cache_strategy = caches.strategy
             try:
                 state, layer_report = _quantize_layer(caches, name, module, kind, bits, index, activations, config)
-            except (ValueError, RuntimeError) as exc:
-                raise type(exc)(f"layer {name}: {exc}") from exc
+            except (ValueError, RuntimeError) as exc:  # the same kind of error, naming the layer
+                kind_of_error = RuntimeError if isinstance(exc, RuntimeError) else ValueError
+                raise kind_of_error(f"layer {name}: {exc}") from exc
             if ckpt:
                 ckpt.save(name, state, layer_report.to_dict())
         state = dict(state)
@@ -248,9 +248,11 @@ def _input_quantizer(value_range, bits: int) -> ActivationQuantizer:
     return ActivationQuantizer(*init_activation_grid(*value_range, bits))
 
 
-def _check_finite_range(value_range, prefix: str = "") -> None:
-    if not all(math.isfinite(v) for v in value_range):
+def _calibrated_range(observer: RangeObserver, bits: int, method: str, percentile: float, prefix: str = ""):
+    """The range `method` gives for the observed input; an error when the input held NaN or Inf."""
+    if not (math.isfinite(observer.lo) and math.isfinite(observer.hi)):
         raise ValueError(f"{prefix}its input holds NaN or Inf (an earlier layer's output overflowed float32)")
+    return observer.range(method, bits, percentile)
 
 
 def _inputs_quantized_in_walk(config) -> bool:
@@ -266,8 +268,8 @@ def _quantize_inputs_(inputs, config):
     observer = RangeObserver()
     for part in inputs.split(CHUNK):
         observer.observe(part)
-    _check_finite_range((observer.lo, observer.hi))
-    value_range = observer.range(config.activation_range, config.activation_bits, config.activation_percentile)
+    value_range = _calibrated_range(observer, config.activation_bits, config.activation_range,
+                                    config.activation_percentile)
     quantizer = _input_quantizer(value_range, config.activation_bits)
     for part in inputs.split(CHUNK):
         part.copy_(quantizer(part))

@@ -63,8 +63,8 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
             raise ValueError(f"{path!r} quantized a layer {name!r} that the model does not have: it was saved "
                              f"from another model") from exc
         if layer_kind(original) != state["kind"] or tuple(original.weight.shape) != tuple(state["codes"].shape):
-            raise ValueError(f"layer {name!r} does not match: the model has {original}, the file a {state['kind']} "
-                             f"of weight shape {tuple(state['codes'].shape)}")
+            raise ValueError(f"{path!r}: layer {name!r} does not match: the model has {original}, the file a "
+                             f"{state['kind']} of weight shape {tuple(state['codes'].shape)}")
         state = dict(state)
         act = state.pop("input_quantizer")
         layer = QuantizedLayer(**state)

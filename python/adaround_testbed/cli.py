@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-images", type=int, default=None,
                    help="evaluate on N test images (Fashion-MNIST: the first N; --data: a fixed random spread)")
     p.add_argument("--quantized-inputs", action="store_true",
-                   help="each layer learns its rounding against its 8-bit quantized inputs; default: activations "
+                   help="each layer learns its rounding against its quantized inputs; default: activations "
                         "stay in float during AdaRound and are calibrated afterwards (AIMET's way)")
     p.add_argument("--activation-range", default=QuantConfig.activation_range, choices=ACTIVATION_RANGES,
                    help="how activation ranges are calibrated: minmax, mse (least quantization error) or percentile")

@@ -23,7 +23,7 @@ from common import median_time, print_table
 
 from adaround_ext.folding import fold_batchnorm  # noqa: E402
 from adaround_ext.quantize import execution_order, following_activations  # noqa: E402
-from adaround_testbed.testbed import resnet  # noqa: E402
+from adaround_testbed.testbed import network  # noqa: E402
 
 GEMM_MAX_POSITIONS = 16  # kGemmMaxPositions in csrc/loop/choose_path.cpp
 WINOGRAD_MIN_CHANNELS = 16  # kWinogradMinChannels
@@ -119,7 +119,7 @@ def main():
     parser.add_argument("--target", type=float, default=300.0, help="the whole run's time target, seconds")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = fold_batchnorm(resnet("resnet18", num_classes=10).eval())  # as quantize() does
+    model = fold_batchnorm(network("resnet18", num_classes=10).eval())  # as quantize() does
     example = torch.zeros(1, 3, 32, 32)
     shapes = layer_inputs(model, example)
     activations = following_activations(model)

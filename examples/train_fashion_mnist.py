@@ -16,7 +16,7 @@ def main():
     p.add_argument("--out", default="runs/fashion_mnist_resnet18.pt")
     p.add_argument("--epochs", type=int, default=3)
     args = p.parse_args()
-    model = testbed.resnet("resnet18", 10)
+    model = testbed.network("resnet18", 10)
     if os.path.exists(args.out):
         model.load_state_dict(torch.load(args.out, map_location="cpu", weights_only=True))
         print(f"reusing {args.out}")

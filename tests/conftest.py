@@ -73,6 +73,6 @@ def trained(data, tmp_path_factory):
     from adaround_testbed import testbed
 
     torch.manual_seed(0)
-    model = testbed.resnet("resnet18", 10)
+    model = testbed.network("resnet18", 10)
     testbed.train(model, *data["train"], epochs=2, log=lambda *_: None)
     return model.eval()

@@ -37,18 +37,19 @@ def test_fashion_mnist_job_prints_what_its_saved_models_score(trained, tmp_path,
     test_x, test_y = test_x[:300], test_y[:300]
     fp32, results = printed_accuracies(out)
     assert fp32 == round(testbed.evaluate(trained, test_x, test_y), 2)
-    assert set(results) == {"W4A8 per-channel, weight-MSE grid, seed 0", "W3A32 per-tensor, min-max grid, seed 0"}
-    for setting, (description, _) in (("w4a8", cli.SETTINGS["w4a8"]), ("w3-pt", cli.SETTINGS["w3-pt"])):
+    # Per-tensor settings equalize the model first (--cross-layer-equalization auto).
+    assert set(results) == {"W4A8 per-channel, weight-MSE grid, seed 0", "W3A32 per-tensor, min-max grid, CLE, seed 0"}
+    for setting, description in (("w4a8", cli.SETTINGS["w4a8"][0]), ("w3-pt", cli.SETTINGS["w3-pt"][0] + ", CLE")):
         # The artifacts reload into a fresh torchvision model that scores what the job printed.
-        loaded = ae.load_quantized(testbed.resnet("resnet18", 10), str(runs / f"resnet18_{setting}_seed0.pt"))
+        loaded = ae.load_quantized(testbed.network("resnet18", 10), str(runs / f"resnet18_{setting}_seed0.pt"))
         assert round(testbed.evaluate(loaded, test_x, test_y), 2) == results[f"{description}, seed 0"][0]
         for suffix in (".encodings.json", "_report.png"):
             assert (runs / f"resnet18_{setting}_seed0{suffix}").stat().st_size > 0
     # Nearest rounding of W3 per-tensor min-max weights does not depend on the calibration images.
     nearest = ae.quantize(trained, torch.zeros(1, 3, 32, 32), ae.QuantConfig(
         rounding="nearest", weight_bits=3, per_channel=False, scale_method="minmax", activation_bits=None,
-        num_samples=1, device="cpu", progress=False))
-    assert results["W3A32 per-tensor, min-max grid, seed 0"][1] == round(testbed.evaluate(nearest, test_x, test_y), 2)
+        num_samples=1, device="cpu", progress=False, cross_layer_equalization=True))
+    assert results["W3A32 per-tensor, min-max grid, CLE, seed 0"][1] == round(testbed.evaluate(nearest, test_x, test_y), 2)
     table = out[out.rindex("resnet18, 20 iterations/layer"):]
     assert "W4A8 per-channel" in table and "W3A32 per-tensor" in table
 
@@ -69,7 +70,7 @@ def image_folder(tmp_path):
 @pytest.mark.slow  # over 10 s on 2 cores
 def test_imagenet_path_quantizes_resnet50(image_folder, tmp_path, capsys):
     torch.manual_seed(0)
-    fp32_model = testbed.resnet("resnet50", 1000).eval()
+    fp32_model = testbed.network("resnet50", 1000).eval()
     weights = tmp_path / "resnet50.pth"
     torch.save(fp32_model.state_dict(), weights)
     runs = tmp_path / "runs"
@@ -79,7 +80,7 @@ def test_imagenet_path_quantizes_resnet50(image_folder, tmp_path, capsys):
     loader = testbed.imagenet_loader(str(image_folder), workers=0)
     fp32, results = printed_accuracies(out)
     assert fp32 == round(testbed.evaluate(fp32_model, loader), 2)
-    loaded = ae.load_quantized(testbed.resnet("resnet50", 1000), str(runs / "resnet50_w4a8_seed0.pt"))
+    loaded = ae.load_quantized(testbed.network("resnet50", 1000), str(runs / "resnet50_w4a8_seed0.pt"))
     assert round(testbed.evaluate(loaded, loader), 2) == results["W4A8 per-channel, weight-MSE grid, seed 0"][0]
     layers = [m for m in loaded.modules() if isinstance(m, ae.QuantizedLayer)]
     assert len(layers) == 54 and all(m.codes.min() >= -8 and m.codes.max() <= 7 for m in layers)  # 53 convs, fc
@@ -92,7 +93,7 @@ def test_imagenet_path_quantizes_resnet50(image_folder, tmp_path, capsys):
 
 
 def test_imagenet_evaluation_streams_the_same_accuracy(image_folder):
-    model = testbed.resnet("resnet18", 1000).eval()
+    model = testbed.network("resnet18", 1000).eval()
     torch.nn.init.zeros_(model.fc.weight)
     with torch.no_grad():
         model.fc.bias.zero_()[0] = 1.0  # always class 0: three of the six images
@@ -103,7 +104,7 @@ def test_imagenet_evaluation_streams_the_same_accuracy(image_folder):
 
 
 def test_bottleneck_layers_order_and_activations():
-    folded = fold_batchnorm(testbed.resnet("resnet50", 10).eval())
+    folded = fold_batchnorm(testbed.network("resnet50", 10).eval())
     order = execution_order(folded, torch.zeros(1, 3, 32, 32))
     assert len(order) == 54 and order[0] == "conv1" and order[-1] == "fc"
     assert order.index("layer1.0.downsample.0") > order.index("layer1.0.conv3")
@@ -115,7 +116,7 @@ def test_bottleneck_layers_order_and_activations():
 
 def test_imagenet_path_bad_input(image_folder, tmp_path):
     weights = tmp_path / "resnet18.pth"
-    torch.save(testbed.resnet("resnet18", 1000).state_dict(), weights)
+    torch.save(testbed.network("resnet18", 1000).state_dict(), weights)
     with pytest.raises(SystemExit, match="--weights"):
         cli.main(["--data", str(image_folder)])
     with pytest.raises(SystemExit, match="--data .* is not a directory"):

@@ -123,7 +123,7 @@ def test_save_load_roundtrip_gives_identical_logits(w3_results, data, tmp_path):
     _, _, model = w3_results
     path = tmp_path / "q.pt"
     ae.save_quantized(model, str(path))
-    fresh = testbed.resnet("resnet18", 10)  # a fresh torchvision model, random weights
+    fresh = testbed.network("resnet18", 10)  # a fresh torchvision model, random weights
     loaded = ae.load_quantized(fresh, str(path))
     x = data["test"][0][:64]
     assert torch.equal(loaded(x), model(x))
@@ -294,7 +294,7 @@ def test_input_that_overflows_in_the_layer_walk_names_the_layer():
 def test_checkpoint_directory_of_another_model(trained, data, tmp_path):
     config = ae.QuantConfig(rounding="nearest", **dict(FAST, num_samples=16))
     ae.quantize(trained, data["calib"], config, checkpoint_dir=str(tmp_path))
-    other = testbed.resnet("resnet18", 10).eval()
+    other = testbed.network("resnet18", 10).eval()
     with pytest.raises(ValueError, match="holds a run of a different model"):
         ae.quantize(other, data["calib"], config, checkpoint_dir=str(tmp_path))
 
@@ -315,10 +315,10 @@ def test_load_into_a_mismatched_model(w3_results, tmp_path):
     path = tmp_path / "q.pt"
     ae.save_quantized(model, str(path))
     with pytest.raises(ValueError, match="does not match"):
-        ae.load_quantized(testbed.resnet("resnet18", 7), str(path))
+        ae.load_quantized(testbed.network("resnet18", 7), str(path))
     with pytest.raises(ValueError, match="not an adaround_ext quantized model"):
         torch.save({"x": 1}, str(tmp_path / "bad.pt"))
-        ae.load_quantized(testbed.resnet("resnet18", 10), str(tmp_path / "bad.pt"))
+        ae.load_quantized(testbed.network("resnet18", 10), str(tmp_path / "bad.pt"))
 
 
 def test_cache_placement_choices():

@@ -8,8 +8,9 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C  # noqa: F401  (registers torch.ops.adaround.*)
 from ._ops import LayerResult, hard_quantize, init_v, optimize_layer, quant_range, round_regularizer, soft_quantize
 from .config import QuantConfig
+from .equalize import equalize
 from .folding import fold_batchnorm
-from .modules import ActivationQuantizer, QuantizedLayer
+from .modules import ActivationQuantizer, ChannelClip, QuantizedLayer
 from .quantize import quantize
 from .report import LayerReport, QuantizationReport
 from .serialization import load_quantized, save_quantized
@@ -19,11 +20,13 @@ CUDA_COMPILED: bool = _C.cuda_compiled
 __all__ = [
     "ActivationQuantizer",
     "CUDA_COMPILED",
+    "ChannelClip",
     "LayerReport",
     "LayerResult",
     "QuantConfig",
     "QuantizationReport",
     "QuantizedLayer",
+    "equalize",
     "fold_batchnorm",
     "hard_quantize",
     "init_v",

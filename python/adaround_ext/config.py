@@ -10,6 +10,7 @@ import torch
 
 from . import _C  # registers torch.ops.adaround.optimize_layer, whose schema holds the loop's defaults
 from .activation_ranges import RANGE_METHODS as ACTIVATION_RANGES
+from .placement import PLACEMENTS as ACTIVATION_PLACEMENTS
 
 ROUNDINGS = ("adaround", "nearest", "floor", "ceil", "stochastic")
 SCALE_METHODS = ("minmax", "mse")
@@ -62,7 +63,13 @@ class QuantConfig:
     # How each activation quantizer's range is calibrated (activation_ranges.py): "minmax" (the observed
     # range), "mse" (the clipping with the least quantization error) or "percentile".
     activation_range: str = "minmax"
+    # Where activation quantizers sit (placement.py): "inputs" (each quantized layer's input) or "outputs"
+    # (the model input and op outputs, as AIMET's default configuration and integer runtimes place them).
+    activation_placement: str = "inputs"
     activation_percentile: float = 99.99  # with activation_range="percentile": the percentile kept at each end
+    # Cross-layer equalization with high-bias absorption before the weight grids are chosen
+    # (equalize.py): for per-tensor grids on models whose channels' ranges differ widely (depthwise convs).
+    cross_layer_equalization: bool = False
     mode: str = LOOP_DEFAULTS["mode"]  # minibatch, exact (full-data Gram, identity loss only) or auto
     num_samples: int = 1024
     # Where the per-layer caches live: "device" (with the weights), "host" (pinned CPU memory, streamed
@@ -87,12 +94,16 @@ class QuantConfig:
             if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
                 raise ValueError(f"{name} must be an integer from 2 to 8, got {bits!r}")
         choices = dict(rounding=ROUNDINGS, scale_method=SCALE_METHODS, loss_activation=LOSS_ACTIVATIONS,
-                       cache_placement=CACHE_PLACEMENTS, activation_range=ACTIVATION_RANGES)
+                       cache_placement=CACHE_PLACEMENTS, activation_range=ACTIVATION_RANGES,
+                       activation_placement=ACTIVATION_PLACEMENTS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if not 50 < self.activation_percentile <= 100:
             raise ValueError(f"activation_percentile must be in (50, 100], got {self.activation_percentile}")
+        if self.activation_placement == "outputs" and self.quantized_inputs:
+            raise ValueError("quantized_inputs calibrates each layer's input quantizer during the walk; it needs "
+                             "activation_placement='inputs'")
         if self.num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {self.num_samples}")
         _C.check_optimize_options(**self.loop_options())

@@ -27,6 +27,23 @@ class ActivationQuantizer(nn.Module):
         return f"scale={self.scale.item():.4g}, zero_point={self.zero_point.item()}, range=[{self.quant_min}, {self.quant_max}]"
 
 
+class ChannelClip(nn.Module):
+    """clamp(x, 0, upper[c]) with one upper bound per channel: a ReLU6 after cross-layer equalization
+    scaled its channels (equalize.py). channel_dim: 1 after a conv, -1 after a Linear."""
+
+    def __init__(self, upper: torch.Tensor, channel_dim: int = 1):
+        super().__init__()
+        self.register_buffer("upper", upper.detach().float().clone())
+        self.channel_dim = int(channel_dim)
+
+    def forward(self, x):  # channels moved last to broadcast: torch.fx traces this without x's rank
+        clipped = torch.minimum(x.clamp(min=0).movedim(self.channel_dim, -1), self.upper.to(x.dtype))
+        return clipped.movedim(-1, self.channel_dim)
+
+    def extra_repr(self):
+        return f"channels={self.upper.numel()}, channel_dim={self.channel_dim}"
+
+
 class QuantizedLayer(nn.Module):
     """A Linear, Conv1d/2d or ConvTranspose1d/2d whose weight is stored as integer codes.
 

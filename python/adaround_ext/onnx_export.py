@@ -4,7 +4,8 @@ deployment toolchains that consume QDQ models.
 Weights are stored as their integer codes feeding a DequantizeLinear (per-channel: axis 0, one scale
 and zero point per output channel); codes of 4 bits or fewer go into INT4/UINT4 tensors at opset >= 21
 and into INT8/UINT8 containers below that. Each activation quantizer becomes a QuantizeLinear ->
-DequantizeLinear pair on the layer input (8-bit: UINT8 for [0, 255], INT8 for [-128, 127]).
+DequantizeLinear pair where it sits, on the layer input or on an op output (8-bit: UINT8 for
+[0, 255], INT8 for [-128, 127]).
 
 The graph comes from torch's own exporter (torch.export + onnxscript), which translates torch's
 `quantized_decomposed` ops to QDQ; the INT4 packing is a small rewrite of the resulting initializers.
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .modules import QuantizedLayer, apply_layer, check_output_path, set_submodule
+from .modules import ActivationQuantizer, QuantizedLayer, apply_layer, check_output_path, set_submodule
+from .placement import SLOTS, output_quantizer_slots
 
 # Importing the module registers torch.ops.quantized_decomposed.*.
 import torch.ao.quantization.fx._decomposed  # noqa: F401,E402
@@ -30,6 +32,22 @@ _ACTIVATION_DTYPES = {(0, 255): torch.uint8, (-128, 127): torch.int8}
 
 def _container_dtype(quant_min: int) -> torch.dtype:
     return torch.int8 if quant_min < 0 else torch.uint8
+
+
+class _QDQActivation(nn.Module):
+    """Export view of an ActivationQuantizer: QuantizeLinear -> DequantizeLinear (8-bit only)."""
+
+    def __init__(self, name: str, quantizer: ActivationQuantizer):
+        super().__init__()
+        dtype = _ACTIVATION_DTYPES.get((quantizer.quant_min, quantizer.quant_max))
+        if dtype is None:
+            raise ValueError(f"{name}: ONNX export supports 8-bit activation quantizers ([0, 255] or [-128, 127]); "
+                             f"its range is [{quantizer.quant_min}, {quantizer.quant_max}]")
+        self.grid = (quantizer.scale.item(), int(quantizer.zero_point.item()), quantizer.quant_min,
+                     quantizer.quant_max, dtype)
+
+    def forward(self, x):
+        return _qd.dequantize_per_tensor(_qd.quantize_per_tensor(x, *self.grid), *self.grid)
 
 
 class _QDQLayer(nn.Module):
@@ -51,18 +69,12 @@ class _QDQLayer(nn.Module):
         self.register_buffer("bias", layer.bias)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
         self.output_padding = layer.output_padding
-        self.act = None
         q = layer.input_quantizer
-        if q is not None:
-            dtype = _ACTIVATION_DTYPES.get((q.quant_min, q.quant_max))
-            if dtype is None:
-                raise ValueError(f"layer {name!r}: ONNX export supports 8-bit activation quantizers "
-                                 f"([0, 255] or [-128, 127]); its input range is [{q.quant_min}, {q.quant_max}]")
-            self.act = (q.scale.item(), int(q.zero_point.item()), q.quant_min, q.quant_max, dtype)
+        self.input_qdq = None if q is None else _QDQActivation(f"layer {name!r}: input", q)
 
     def forward(self, x):
-        if self.act is not None:
-            x = _qd.dequantize_per_tensor(_qd.quantize_per_tensor(x, *self.act), *self.act)
+        if self.input_qdq is not None:
+            x = self.input_qdq(x)
         if self.axis is None:
             w = _qd.dequantize_per_tensor(self.codes, *self.tensor_grid, self.quant_min, self.quant_max, self.dtype)
         else:
@@ -78,6 +90,9 @@ def _export_view(model: nn.Module) -> tuple[nn.Module, Dict[str, QuantizedLayer]
     view = copy.deepcopy(model).cpu().eval()
     for name, layer in layers.items():
         set_submodule(view, name, _QDQLayer(name, layer))
+    for key, quantizer in output_quantizer_slots(model).items():  # activation_placement="outputs"
+        if isinstance(quantizer, ActivationQuantizer):
+            set_submodule(view, f"{SLOTS}.{key}", _QDQActivation(f"activation {key!r}", quantizer))
     return view, layers
 
 
@@ -112,6 +127,14 @@ def _pack_low_bit_weights(proto, layers: Dict[str, QuantizedLayer]) -> None:
     proto.graph.initializer.extend(kept)
 
 
+def _input_name(model: nn.Module) -> str:
+    """The name of forward's input, which keys its dynamic shape (a GraphModule, activation_placement=
+    "outputs", takes its input by the traced name)."""
+    import inspect
+
+    return next(iter(inspect.signature(model.forward).parameters))
+
+
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, opset: int = DEFAULT_OPSET) -> None:
     """Writes `model` (the output of adaround_ext.quantize) as a QDQ ONNX model at `path`.
 
@@ -128,7 +151,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str, opset:
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(view, (example_input,), dynamo=True, opset_version=opset, verbose=False,
                                 input_names=["input"], output_names=["output"],
-                                dynamic_shapes=({0: batch},))
+                                dynamic_shapes={_input_name(view): {0: batch}})
     proto = program.model_proto
     if opset >= 21:
         _pack_low_bit_weights(proto, layers)

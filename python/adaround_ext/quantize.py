@@ -1,4 +1,4 @@
-"""The model pipeline (docs/design.md#pipeline): fold BN, initialise weight grids, learn the rounding of each
+"""The model pipeline (docs/design.md#pipeline): fold BN (optionally equalize), initialise weight grids, learn the rounding of each
 Conv/Linear layer in execution order with torch.ops.adaround.optimize_layer, calibrate 8-bit
 activations."""
 from __future__ import annotations
@@ -20,11 +20,13 @@ from ._ops import hard_quantize, optimize_layer
 from .checkpoint import Checkpoint, fingerprint
 from .config import QuantConfig
 from .layer_kinds import LAYER_KINDS
+from .equalize import equalize
 from .folding import conv_bn_pairs, fold_batchnorm
-from .modules import (ActivationQuantizer, QuantizedLayer, channel_axis, float_weight_layers, geometry,
+from .modules import (ActivationQuantizer, ChannelClip, QuantizedLayer, channel_axis, float_weight_layers, geometry,
                       is_transposed, layer_kind, set_submodule)
 from .report import LayerReport, QuantizationReport
 from .activation_ranges import RangeObserver
+from .placement import aimet_key_of, output_quantizer_slots, place_output_quantizers, set_output_quantizers
 from .scales import init_activation_grid, init_weight_grid
 
 log = logging.getLogger("adaround_ext")
@@ -100,6 +102,8 @@ def following_activations(model: nn.Module) -> dict:
                 return "relu6"
             if isinstance(m, nn.Identity):
                 return "identity"
+            if isinstance(m, ChannelClip):  # an equalized ReLU6; the loss does not model its channel bounds
+                return "relu"
         if node.op == "call_function" and node.target in (F.relu, torch.relu):
             return "relu"
         if node.op == "call_function" and node.target is F.relu6:
@@ -134,14 +138,12 @@ def _rounded_up_fraction(weight, codes, scale, zero_point, axis):
     return (codes.float() > torch.floor(weight.float() / s) + z).float().mean().item()
 
 
-def calibrate_activations(model: nn.Module, samples: torch.Tensor, bits: int, device, chunk=128,
-                          method: str = "minmax", percentile: float = 99.99) -> dict:
-    """Calibrates the per-tensor range of every quantized layer's input by `method`
-    (activation_ranges.py) and installs the input quantizers; returns {layer: (lo, hi)}."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+def _observe_inputs(model: nn.Module, targets: dict, samples: torch.Tensor, bits: int, device, chunk, method,
+                    percentile, what: str) -> dict:
+    """Runs the model over the samples and returns {name: (lo, hi)}, the range `method` gives for
+    the input of each module in `targets` that was called; `what` names it in errors."""
     observers, handles = {}, []
-    for name, module in layers.items():
-        module.input_quantizer = None
+    for name, module in targets.items():
         observers[name] = RangeObserver()
         handles.append(module.register_forward_pre_hook(lambda m, args, name=name: observers[name].observe(args[0])))
     try:
@@ -151,13 +153,27 @@ def calibrate_activations(model: nn.Module, samples: torch.Tensor, bits: int, de
     finally:
         for h in handles:
             h.remove()
-    ranges = {}
-    for name, module in layers.items():
-        observer = observers[name]
-        if not observer.observed:  # never called
-            continue
-        ranges[name] = _calibrated_range(observer, bits, method, percentile, prefix=f"layer {name}: ")
-        module.input_quantizer = _input_quantizer(ranges[name], bits).to(device)
+    return {name: _calibrated_range(observer, bits, method, percentile, prefix=f"{what} {name}: ")
+            for name, observer in observers.items() if observer.observed}
+
+
+def calibrate_activations(model: nn.Module, samples: torch.Tensor, bits: int, device, chunk=128,
+                          method: str = "minmax", percentile: float = 99.99) -> dict:
+    """Calibrates the per-tensor range of every activation quantizer by `method` (activation_ranges.py)
+    with activations in float, and installs the quantizers: each quantized layer's input quantizer, or
+    with output quantizers (placement.py) those. Returns {layer or AIMET tensor name: (lo, hi)}."""
+    slots = output_quantizer_slots(model)
+    if slots:
+        set_output_quantizers(model, {key: nn.Identity() for key in slots})  # observed in float
+        ranges = _observe_inputs(model, output_quantizer_slots(model), samples, bits, device, chunk, method, percentile, "activation")
+        set_output_quantizers(model, {key: _input_quantizer(r, bits).to(device) for key, r in ranges.items()})
+        return {"{} {} {}".format(*aimet_key_of(model, key)): r for key, r in ranges.items()}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+    for module in layers.values():
+        module.input_quantizer = None
+    ranges = _observe_inputs(model, layers, samples, bits, device, chunk, method, percentile, "layer")
+    for name, value_range in ranges.items():
+        layers[name].input_quantizer = _input_quantizer(value_range, bits).to(device)
     return ranges
 
 
@@ -180,7 +196,9 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
 
     fp_model = copy.deepcopy(model).float().to(device).eval()
     folded = [bn for _, bn in conv_bn_pairs(fp_model)] if _traceable(fp_model) else []
-    if folded:
+    if config.cross_layer_equalization:  # before the weight grids are chosen; it folds BN itself
+        equalize(fp_model)
+    elif folded:
         fold_batchnorm(fp_model)
     try:
         layers = execution_order(fp_model, samples[:2].to(device))
@@ -231,15 +249,20 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
     report.cache_seconds = sum(r.cache_seconds for r in report.layers)
     report.optimize_seconds = sum(r.seconds for r in report.layers)
     t_cal = time.perf_counter()
+    if config.activation_bits is not None and config.activation_placement == "outputs":
+        q_model = place_output_quantizers(q_model)
     if config.activation_bits is not None and not _inputs_quantized_in_walk(config):
         ranges = calibrate_activations(q_model, samples, config.activation_bits, device,
                                        method=config.activation_range, percentile=config.activation_percentile)
+        if config.activation_placement == "outputs":
+            report.activation_ranges = ranges
         for layer_report in report.layers:
             layer_report.input_range = ranges.get(layer_report.name)
     report.calibrate_seconds = time.perf_counter() - t_cal
     report.total_seconds = time.perf_counter() - t0
     q_model.adaround_report = report
     q_model.adaround_folded_batchnorm = folded
+    q_model.adaround_channel_clips = getattr(fp_model, "adaround_channel_clips", [])
     return q_model
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 
 @dataclass
@@ -36,6 +36,8 @@ class QuantizationReport:
     # Modules whose weights stay in float (e.g. "head (Conv3d)", "attn (MultiheadAttention)"): see
     # modules.float_weight_layers.
     kept_float: List[str] = field(default_factory=list)
+    # activation_placement="outputs": {"<AIMET module> input|output <index>": (lo, hi)} of each quantizer.
+    activation_ranges: Dict[str, tuple] = field(default_factory=dict)
     cache_strategy: str = ""  # "graph walk" or "prefix reruns" (see caching.py); "" without caches
     cache_seconds: float = 0.0
     optimize_seconds: float = 0.0
@@ -53,6 +55,9 @@ class QuantizationReport:
                  f"{r.cache_seconds:.1f}", f"{r.seconds:.1f}") for r in self.layers]
         widths = [max(len(x) for x in col) for col in zip(header, *rows)]
         lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in (header, *rows)]
+        if self.activation_ranges:
+            lines.append("activation quantizers (on op outputs): " + ", ".join(
+                f"{name} {span(r)}" for name, r in self.activation_ranges.items()))
         if self.kept_float:
             lines.append("kept in floating point: " + ", ".join(self.kept_float))
         strategy = f" ({self.cache_strategy})" if self.cache_strategy else ""

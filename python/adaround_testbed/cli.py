@@ -1,4 +1,4 @@
-"""The main job: quantize a ResNet and print FP32 / nearest / AdaRound accuracy.
+"""The main job: quantize a ResNet (or MobileNetV2) and print FP32 / nearest / AdaRound accuracy.
 
 Default: resnet18 on Debian's Fashion-MNIST (trained first when no checkpoint exists), W4A8 in the
 paper's setting (per-tensor, weight-MSE grid) and per-channel. ImageNet: --data DIR --weights FILE.
@@ -14,8 +14,8 @@ import time
 import torch
 
 from adaround_ext.checkpoint import config_tag
-from adaround_ext.config import ACTIVATION_RANGES, QuantConfig
-from adaround_ext.encodings import export_encodings
+from adaround_ext.config import ACTIVATION_PLACEMENTS, ACTIVATION_RANGES, QuantConfig
+from adaround_ext.encodings import export_aimet
 from adaround_ext.onnx_export import export_onnx
 from adaround_ext.plots import save_report_plot
 from adaround_ext.quantize import quantize
@@ -33,6 +33,8 @@ SETTINGS = {
                                                        scale_method="mse")),
     "w4a8-paper": ("W4A8 per-tensor, weight-MSE grid (paper)", dict(weight_bits=4, activation_bits=8,
                                                                     per_channel=False, scale_method="mse")),
+    "w4-pt": ("W4A32 per-tensor, weight-MSE grid", dict(weight_bits=4, activation_bits=None, per_channel=False,
+                                                       scale_method="mse")),
     "w4-pc": ("W4A32 per-channel, min-max grid", dict(weight_bits=4, activation_bits=None, per_channel=True,
                                                      scale_method="minmax")),
     "w3-pt": ("W3A32 per-tensor, min-max grid", dict(weight_bits=3, activation_bits=None, per_channel=False,
@@ -44,7 +46,7 @@ SETTINGS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="adaround-quantize-resnet", description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    p.add_argument("--arch", default="resnet18", choices=testbed.ARCHS)
     p.add_argument("--settings", default="w4a8-paper,w4a8", help=f"comma-separated of {', '.join(SETTINGS)}")
     p.add_argument("--iterations", type=int, default=QuantConfig.iterations)
     p.add_argument("--samples", type=int, default=QuantConfig.num_samples, help="calibration images")
@@ -68,8 +70,14 @@ def parse_args(argv=None):
                         "stay in float during AdaRound and are calibrated afterwards (AIMET's way)")
     p.add_argument("--activation-range", default=QuantConfig.activation_range, choices=ACTIVATION_RANGES,
                    help="how activation ranges are calibrated: minmax, mse (least quantization error) or percentile")
+    p.add_argument("--activation-placement", default=QuantConfig.activation_placement, choices=ACTIVATION_PLACEMENTS,
+                   help="activation quantizers on each quantized layer's input, or on op outputs and the model "
+                        "input (as AIMET's default configuration and integer runtimes place them)")
     p.add_argument("--activation-percentile", type=float, default=QuantConfig.activation_percentile,
                    help="with --activation-range percentile: the percentile kept at each end")
+    p.add_argument("--cross-layer-equalization", default="auto", choices=["auto", "on", "off"],
+                   help="equalize the model before quantizing it (adaround_ext.equalize); auto: on for the "
+                        "per-tensor settings")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--cuda-graph", action="store_true", help="CUDA: replay each iteration from a CUDA graph")
     args = p.parse_args(argv)
@@ -83,9 +91,14 @@ def _device(args) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _equalize(choice: str, overrides: dict) -> bool:
+    """Cross-layer equalization for a setting: per-tensor grids need it on depthwise models (MobileNetV2)."""
+    return choice == "on" or (choice == "auto" and not overrides["per_channel"])
+
+
 def load_fashion_model(args, log):
     path = args.model_checkpoint or os.path.join(args.out, f"fashion_mnist_{args.arch}.pt")
-    model = testbed.resnet(args.arch, num_classes=10)
+    model = testbed.network(args.arch, num_classes=10)
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         log(f"FP32 model: {path}")
@@ -106,7 +119,7 @@ def load_imagenet_model(args, log):
     for flag, folder in (("--data", args.data), ("--calib-data", args.calib_data)):
         if folder is not None and not os.path.isdir(folder):
             raise SystemExit(f"{flag} {folder!r} is not a directory (ImageFolder layout: one folder per class)")
-    model = testbed.resnet(args.arch, num_classes=1000)
+    model = testbed.network(args.arch, num_classes=1000)
     try:
         model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
     except RuntimeError as exc:
@@ -116,11 +129,12 @@ def load_imagenet_model(args, log):
 
 
 def write_artifacts(q, stem: str, example_input, title: str, log) -> None:
-    """Native checkpoint, AIMET encodings, ONNX QDQ model and the report PNG, side by side."""
+    """Native checkpoint, the AIMET export (encodings, quantsim config, rounded weights), ONNX QDQ model
+    and the report PNG, side by side."""
     save_quantized(q, stem + ".pt")
-    export_encodings(q, stem + ".encodings.json")
+    aimet = export_aimet(q, stem)
     save_report_plot(q.adaround_report, stem + "_report.png", title=title)
-    written = [stem + ".pt", stem + ".encodings.json", stem + "_report.png"]
+    written = [stem + ".pt", *aimet, stem + "_report.png"]
     try:
         export_onnx(q, example_input, stem + ".onnx")
         written.append(stem + ".onnx")
@@ -156,7 +170,11 @@ def main(argv=None):
                       device=device, progress=not args.no_progress, first_layer_bits=args.first_last_bits,
                       last_layer_bits=args.first_last_bits, cuda_graph=args.cuda_graph,
                       quantized_inputs=args.quantized_inputs, activation_range=args.activation_range,
-                      activation_percentile=args.activation_percentile)
+                      activation_percentile=args.activation_percentile,
+                      activation_placement=args.activation_placement,
+                      cross_layer_equalization=_equalize(args.cross_layer_equalization, overrides))
+        if common["cross_layer_equalization"]:
+            description += ", CLE"
         nearest_model = quantize(model, calib, QuantConfig(rounding="nearest", **common))
         nearest = testbed.evaluate(nearest_model, *test_set, device=device)
         accs, times = [], []

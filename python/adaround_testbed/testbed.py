@@ -39,11 +39,14 @@ def fashion_mnist(split: str = "train", root: Optional[str] = None):
     return images, labels
 
 
-def resnet(arch: str = "resnet18", num_classes: int = 10) -> nn.Module:
+ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
+
+
+def network(arch: str = "resnet18", num_classes: int = 10) -> nn.Module:
     import torchvision
 
-    if arch not in ("resnet18", "resnet34", "resnet50"):
-        raise ValueError(f"arch must be resnet18, resnet34 or resnet50, got {arch!r}")
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     return getattr(torchvision.models, arch)(num_classes=num_classes)
 
 

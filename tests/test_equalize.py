@@ -10,6 +10,7 @@ import torchvision
 
 import adaround_ext as ae
 from adaround_ext.equalize import equalize, find_pairs
+from conftest import needs_cuda
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -92,12 +93,20 @@ def _weight_ranges(model, pair):
     return r1, torch.stack(r2)
 
 
+# Pairs by architecture: resnet18 one per BasicBlock (conv1 -> conv2; the block input and output also
+# feed the residual path); mobilenet_v2 features.0 -> the first depthwise conv, that block's depthwise ->
+# projection and projection -> the next expansion, expansion -> depthwise -> projection in the 16 later
+# blocks, and the last projection -> features.18; GroupedNet conv1 -> grouped -> depthwise -> pointwise
+# and fc1 -> fc2 (the pooled, flattened conv output is no channel-for-channel path to a Linear).
+PAIR_COUNTS = {"resnet18": 8, "mobilenet_v2": 3 + 16 * 2 + 1, "grouped": 4}
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_pair_ranges_equal_after_convergence(name):
     torch.manual_seed(1)
     model = equalize(randomize_batchnorm_(MODELS[name]()), bias_absorption=False)
-    pairs = find_pairs(model)
-    assert pairs
+    pairs = find_pairs(model)  # found again on the equalized model, its ChannelClips included
+    assert len(pairs) == PAIR_COUNTS[name]
     for pair in pairs:
         r1, r2 = _weight_ranges(model, pair)
         torch.testing.assert_close(r1, r2, rtol=1e-4, atol=1e-7)
@@ -130,6 +139,62 @@ def test_no_pair_across_a_branch_or_a_shared_layer():
             return self.b(y) + y
 
     assert find_pairs(Residual()) == []
+
+
+def test_no_pair_between_a_conv_and_a_linear_or_with_a_shared_weight():
+    """Was: Conv2d -> ReLU -> Linear over the last axis was paired (the channels lie on different axes)
+    and the output changed by 96 %; a weight tied to another module was scaled for both."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Linear(8, 5)).eval()
+    model[0].weight.data.mul_(torch.logspace(-2, 2, 8).view(-1, 1, 1, 1))
+    x = torch.randn(2, 3, 4, 8)
+    with torch.no_grad():
+        ref = model(x)
+        assert find_pairs(copy.deepcopy(model)) == []
+        torch.testing.assert_close(equalize(model)(x), ref)
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+            self.c.weight = self.b.weight  # b and c share one weight
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    tied = Tied().eval()
+    tied.a.weight.data.mul_(torch.logspace(-2, 2, 4).view(-1, 1))
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        ref = tied(x)
+        assert find_pairs(copy.deepcopy(tied)) == []
+        torch.testing.assert_close(equalize(tied)(x), ref)
+
+
+@needs_cuda
+def test_equalize_on_cuda_keeps_function():
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(torchvision.models.mobilenet_v2(num_classes=10)).cuda()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        ref = model(x)
+        out = equalize(copy.deepcopy(model))(x)  # with bias absorption: new tensors on the model's device
+    assert out.device == ref.device and relative_error(out, ref) < 1e-2
+
+
+def test_absorption_through_a_clip_lowers_its_bound():
+    """conv -> BN -> ReLU6 -> 1x1 conv with beta - 3 gamma > 0: the clip's bound drops by c with the bias."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 1, bias=False), nn.BatchNorm2d(6), nn.ReLU6(), nn.Conv2d(6, 4, 1)).eval()
+    model[1].weight.data.fill_(0.1)
+    model[1].bias.data.copy_(torch.linspace(0.5, 4, 6))
+    x = torch.randn(8, 3, 4, 4) * 0.2
+    with torch.no_grad():
+        ref = model(x)
+        plain = equalize(copy.deepcopy(model), bias_absorption=False)
+        absorbed = equalize(copy.deepcopy(model), bias_absorption=True)
+        torch.testing.assert_close(absorbed(x), ref, rtol=1e-5, atol=1e-5)
+    c = plain[0].bias - absorbed[0].bias
+    assert (c > 0).sum() >= 3
+    torch.testing.assert_close(absorbed[2].upper, plain[2].upper - c)
 
 
 def test_bias_absorption_matches_dfq_and_keeps_function_where_its_premise_holds():
@@ -225,6 +290,8 @@ def test_quantize_with_equalization_recovers_a_per_tensor_grid(equalized_toy):
         error_equalized = (equalized(calib) - ref).pow(2).mean()
     assert error_equalized < 0.5 * error_plain
     assert equalized.adaround_channel_clips == ["2", "5"]
+    # Was "none": fx traced through the ChannelClips, and the loss lost the activation after each conv.
+    assert [r.loss_activation for r in equalized.adaround_report.layers] == ["relu", "relu", "none"]
 
 
 def test_equalized_model_saves_and_loads(equalized_toy, tmp_path):

@@ -56,7 +56,8 @@ class RangeObserver:
         if values.numel() > SAMPLE_PER_BATCH:
             index = torch.randint(values.numel(), (SAMPLE_PER_BATCH,), generator=self._generator)
             values = values[index.to(values.device)]
-        self._parts.append(values.cpu())
+        # A copy: a view would follow the live activation if a later in-place op rewrote it.
+        self._parts.append(values.to("cpu", copy=True))
 
     def range(self, method: str, bits: int, percentile: float = 99.99) -> Tuple[float, float]:
         """[lo, hi] by `method` (RANGE_METHODS); the observed min/max (NaN after a NaN, +-inf after an

@@ -20,6 +20,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .modules import trace
+
 log = logging.getLogger("adaround_ext")
 
 CHUNK = 128  # samples per forward call
@@ -212,7 +214,7 @@ def walkable_graph(model: nn.Module, layers: List[str]) -> Optional[fx.Graph]:
     """The traced graph of `model` when the walk can cache its layers: one input, and every layer
     called exactly once, in `layers` order, with its input as first argument. Else None."""
     try:
-        graph = fx.symbolic_trace(model).graph
+        graph = trace(model)
     except Exception:
         return None
     nodes = list(graph.nodes)

@@ -28,7 +28,7 @@ import json
 import torch
 import torch.nn as nn
 
-from .modules import ActivationQuantizer, QuantizedLayer, check_output_path
+from .modules import ActivationQuantizer, ChannelClip, QuantizedLayer, check_output_path
 from .placement import aimet_key_of, output_quantizer_slots
 
 VERSION = "1.0.0"
@@ -115,6 +115,10 @@ def export_encodings(model: nn.Module, path: str) -> None:
 def export_aimet(model: nn.Module, stem: str) -> list:
     """Writes <stem>.encodings.json, <stem>.aimet_config.json and <stem>.aimet_weights.pth; returns
     their paths."""
+    clips = [name for name, m in model.named_modules() if isinstance(m, ChannelClip)]
+    if clips:
+        raise ValueError(f"the model has ChannelClips (cross-layer equalization across ReLU6: {', '.join(clips)}), "
+                         f"which AIMET's unmodified model does not have: its ReLU6 would clip at other bounds")
     paths = [stem + ".encodings.json", stem + ".aimet_config.json", stem + ".aimet_weights.pth"]
     for path in paths:
         check_output_path(path)

@@ -17,20 +17,21 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .folding import conv_bn_pairs, fold_batchnorm
 from .layer_kinds import kind_of
-from .modules import ChannelClip, set_submodule
+from .modules import ChannelClip, set_submodule, trace
 
 log = logging.getLogger("adaround_ext")
 
 # Modules a channel scale passes through unchanged: each output channel depends on its input channel
-# alone and positively homogeneously (f(x / s) = f(x) / s for s > 0).
-_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+# alone and positively homogeneously (f(x / s) = f(x) / s for s > 0). Pooling only after a conv: after
+# a Linear it would pool over the features.
+_PASS_THROUGH = (nn.Identity, nn.Dropout)
+_POOLING = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+            nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 _RELU_FUNCTIONS = (F.relu, torch.relu)
 
 
@@ -41,6 +42,9 @@ class EqualizedPair:
     second: str
     activation: str  # "none", "relu" or "clip" (a ChannelClip, formerly ReLU6)
     clip: Optional[str] = None  # the ChannelClip's module name
+    # A zero-padded average pooling between them averages zeros in at the border, where a bias
+    # shift would not be constant: no absorption then.
+    padded_average: bool = False
 
 
 def _is_relu6(module) -> bool:
@@ -52,27 +56,47 @@ def _equalizable(module) -> bool:
     return kind is not None and not kind.transposed
 
 
+def _shared_parameters(model: nn.Module, graph) -> set:
+    """Names of the modules whose weight or bias is also reached otherwise (tied to another module, or
+    read by the graph directly): scaling them in place would change that other use."""
+    owners = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name)
+    read_directly = {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}
+    return {name for names in owners.values() if len(names) > 1 for name in names} | read_directly
+
+
+def _padded_average(module) -> bool:
+    return isinstance(module, (nn.AvgPool1d, nn.AvgPool2d)) and module.count_include_pad and any(
+        p > 0 for p in (module.padding if isinstance(module.padding, tuple) else (module.padding,)))
+
+
 def find_pairs(model: nn.Module) -> List[EqualizedPair]:
     """The consecutive (first, second) layer pairs of a BN-folded model: the first layer's output reaches
     only the second, through at most one ReLU/ReLU6 and any pass-through modules, and each layer is
     called once. A ReLU6 found here is replaced by a ChannelClip in place."""
-    graph = fx.symbolic_trace(model).graph
+    graph = trace(model)
     modules = dict(model.named_modules())
     calls: Dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    shared = _shared_parameters(model, graph)
+    scalable = lambda name: (_equalizable(modules.get(name)) and calls[name] == 1  # noqa: E731
+                             and name not in shared)
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not _equalizable(modules.get(node.target)) or calls[node.target] != 1:
+        if node.op != "call_module" or not scalable(node.target):
             continue
-        current, activation, clip = node, "none", None
+        first_is_conv = kind_of(modules[node.target]).is_conv
+        current, activation, clip, padded_average = node, "none", None, False
         while len(current.users) == 1:
             user = next(iter(current.users))
             target = modules.get(user.target) if user.op == "call_module" else None
             if user.op == "call_module" and _equalizable(target):
-                if calls[user.target] == 1 and _channels_match(modules[node.target], target):
-                    pairs.append(EqualizedPair(node.target, user.target, activation, clip))
+                if scalable(user.target) and _channels_match(modules[node.target], target):
+                    pairs.append(EqualizedPair(node.target, user.target, activation, clip, padded_average))
                 break
             relu = (isinstance(target, nn.ReLU) or (user.op == "call_function" and user.target in _RELU_FUNCTIONS)
                     or (user.op == "call_method" and user.target in ("relu", "relu_")))
@@ -81,6 +105,8 @@ def find_pairs(model: nn.Module) -> List[EqualizedPair]:
             if (relu or clip_like) and activation == "none":
                 activation = "relu" if relu else "clip"
                 clip = user.target if clip_like else None
+            elif isinstance(target, _POOLING) and first_is_conv:
+                padded_average = padded_average or _padded_average(target)
             elif not isinstance(target, _PASS_THROUGH):
                 break
             current = user
@@ -88,7 +114,8 @@ def find_pairs(model: nn.Module) -> List[EqualizedPair]:
         if pair.clip is not None and not isinstance(modules[pair.clip], ChannelClip):
             first = modules[pair.first]
             channel_dim = 1 if kind_of(first).is_conv else -1
-            set_submodule(model, pair.clip, ChannelClip(torch.full((_out_channels(first),), 6.0), channel_dim))
+            upper = torch.full((_out_channels(first),), 6.0, device=first.weight.device)
+            set_submodule(model, pair.clip, ChannelClip(upper, channel_dim))
     return pairs
 
 
@@ -97,8 +124,9 @@ def _out_channels(module) -> int:
 
 
 def _channels_match(first, second) -> bool:
+    """Conv to conv or Linear to Linear (their channels lie on different axes), channel counts equal."""
     in_channels = second.weight.shape[1] * getattr(second, "groups", 1)
-    return _out_channels(first) == in_channels
+    return kind_of(first).is_conv == kind_of(second).is_conv and _out_channels(first) == in_channels
 
 
 def _output_ranges(first) -> torch.Tensor:
@@ -170,7 +198,7 @@ def _absorb_high_bias_(model: nn.Module, pair: EqualizedPair, mean: torch.Tensor
     border would read 0 where the shifted input is -c. Returns c."""
     first, second = model.get_submodule(pair.first), model.get_submodule(pair.second)
     padding = getattr(second, "padding", (0,))
-    if first.bias is None or (isinstance(padding, str) and padding != "valid") or (
+    if first.bias is None or pair.padded_average or (isinstance(padding, str) and padding != "valid") or (
             not isinstance(padding, str) and any(padding)):
         return torch.zeros_like(mean)
     c = (mean - 3 * std).clamp(min=0)
@@ -182,7 +210,8 @@ def _absorb_high_bias_(model: nn.Module, pair: EqualizedPair, mean: torch.Tensor
     weight = _per_input(second.weight.detach().double()).sum(dim=2)  # [out, in / groups]
     shift = (weight.reshape(groups, out_per_group, in_per_group) * c.reshape(groups, 1, in_per_group)).sum(dim=2)
     if second.bias is None:
-        second.bias = nn.Parameter(torch.zeros(second.weight.shape[0], dtype=second.weight.dtype))
+        second.bias = nn.Parameter(torch.zeros(second.weight.shape[0], dtype=second.weight.dtype,
+                                               device=second.weight.device))
     second.bias.data.add_(shift.reshape(-1).to(second.bias.dtype))
     return c
 
@@ -198,7 +227,7 @@ def equalize(model: nn.Module, iterations: int = 100, tolerance: float = 1e-6,
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     model.eval()
     try:
-        fx.symbolic_trace(model)
+        trace(model)
     except Exception as exc:  # the same limit as BN folding: CLE needs the graph
         raise ValueError(f"cross-layer equalization needs a model torch.fx can trace: {exc}") from exc
     stats = _bn_statistics(model) if bias_absorption else {}  # read before folding removes them
@@ -208,8 +237,10 @@ def equalize(model: nn.Module, iterations: int = 100, tolerance: float = 1e-6,
         if not torch.isfinite(model.get_submodule(pair.first).weight).all() or not torch.isfinite(
                 model.get_submodule(pair.second).weight).all():
             raise ValueError(f"cross-layer equalization: layer {pair.first} or {pair.second} holds NaN or Inf")
-    total = {pair.first: torch.ones(_out_channels(model.get_submodule(pair.first)), dtype=torch.float64)
-             for pair in pairs}
+    total = {}  # each first layer's product of channel scales, for the bias absorption's units
+    for pair in pairs:
+        weight = model.get_submodule(pair.first).weight
+        total[pair.first] = torch.ones(weight.shape[0], dtype=torch.float64, device=weight.device)
     for _ in range(iterations):
         largest = 0.0
         for pair in pairs:

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .layer_kinds import CONV_TYPES, kind_of
-from .modules import set_submodule
+from .modules import set_submodule, trace
 
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
 log = logging.getLogger("adaround_ext")
@@ -20,7 +20,7 @@ def conv_bn_pairs(model: nn.Module):
     """(conv name, bn name) for every BatchNorm that can be folded into a conv without changing the
     model: every call of the conv feeds only that BatchNorm, and every call of the BatchNorm reads
     only that conv. A conv also used elsewhere, or a BatchNorm after two convs, is kept (and logged)."""
-    graph = fx.symbolic_trace(model).graph
+    graph = trace(model)
     modules = dict(model.named_modules())
     calls = defaultdict(list)  # module name -> its call nodes
     for node in graph.nodes:

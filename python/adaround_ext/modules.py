@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from .layer_kinds import LAYER_KINDS, kind_of
@@ -98,6 +99,20 @@ def apply_layer(layer, x, w, bias):
     QuantizedLayer and the ONNX export view."""
     return LAYER_KINDS[layer.kind].apply(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups,
                                          layer.output_padding)
+
+
+class LeafTracer(fx.Tracer):
+    """torch.fx's tracer with this package's modules as leaves: a graph shows a QuantizedLayer,
+    ChannelClip or ActivationQuantizer as one call, as it shows torch.nn's own modules."""
+
+    def is_leaf_module(self, m, qualified_name):
+        return isinstance(m, (QuantizedLayer, ChannelClip, ActivationQuantizer)) or super().is_leaf_module(
+            m, qualified_name)
+
+
+def trace(model: nn.Module) -> fx.Graph:
+    """The fx graph of `model` (LeafTracer); raises what tracing raises on an untraceable model."""
+    return LeafTracer().trace(model)
 
 
 def check_output_path(path: str) -> None:

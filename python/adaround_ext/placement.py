@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .modules import ActivationQuantizer, ChannelClip, QuantizedLayer
+from .modules import ActivationQuantizer, ChannelClip, LeafTracer, QuantizedLayer
 
 PLACEMENTS = ("inputs", "outputs")
 SLOTS = "activation_quantizers"  # the ModuleDict of a GraphModule with output quantizers
@@ -37,18 +37,14 @@ _AVERAGE_FUNCTIONS = (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adapt
 _PASS_THROUGH = (nn.Identity, nn.Dropout)  # folded BatchNorm, and dropout in eval mode
 
 
-class _ScopeTracer(fx.Tracer):
-    """Traces with QuantizedLayer, ChannelClip and ActivationQuantizer as leaves, recording for each node
-    the module whose forward created it (the scope aimet_torch names new modules after)."""
+class _ScopeTracer(LeafTracer):
+    """Records for each node the module whose forward created it (the scope aimet_torch names new
+    modules after)."""
 
     def __init__(self):
         super().__init__()
         self.module_scope = ""
         self.node_scope: Dict[str, str] = {}
-
-    def is_leaf_module(self, m, qualified_name):
-        return isinstance(m, (QuantizedLayer, ChannelClip, ActivationQuantizer)) or super().is_leaf_module(
-            m, qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         outer, self.module_scope = self.module_scope, self.path_of_module(m)

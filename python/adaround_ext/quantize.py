@@ -10,7 +10,6 @@ import time
 from typing import Callable, Iterable, List, Optional, Union
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -23,7 +22,7 @@ from .layer_kinds import LAYER_KINDS
 from .equalize import equalize
 from .folding import conv_bn_pairs, fold_batchnorm
 from .modules import (ActivationQuantizer, ChannelClip, QuantizedLayer, channel_axis, float_weight_layers, geometry,
-                      is_transposed, layer_kind, set_submodule)
+                      is_transposed, layer_kind, set_submodule, trace)
 from .report import LayerReport, QuantizationReport
 from .activation_ranges import RangeObserver
 from .placement import aimet_key_of, output_quantizer_slots, place_output_quantizers, set_output_quantizers
@@ -87,7 +86,7 @@ def execution_order(model: nn.Module, example: torch.Tensor) -> List[str]:
 def following_activations(model: nn.Module) -> dict:
     """For each Conv/Linear, the activation applied to its output alone: relu, relu6 or none."""
     try:
-        graph = fx.symbolic_trace(model).graph
+        graph = trace(model)
     except Exception as exc:  # untraceable model: the loss uses no activation
         log.warning("could not trace the model (%s); reconstruction losses use no activation", exc)
         return {}
@@ -182,8 +181,10 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
              on_layer_done: Optional[Callable[[int, str], None]] = None) -> nn.Module:
     """Returns a quantized copy of `model` (the original is untouched).
 
-    The copy has BatchNorm folded, every Conv/Linear replaced by a QuantizedLayer (integer codes
-    and grid) and, with activation_bits, 8-bit input quantizers. Its `adaround_report` holds the
+    The copy has BatchNorm folded (and, with cross_layer_equalization, the model equalized), every
+    Conv/Linear replaced by a QuantizedLayer (integer codes and grid) and, with activation_bits,
+    activation quantizers on the layers' inputs or, with activation_placement="outputs", on op
+    outputs (the copy is then a torch.fx GraphModule). Its `adaround_report` holds the
     per-layer report. With `checkpoint_dir`, each finished layer is saved there and a rerun with
     the same arguments resumes after the last finished layer.
     """
@@ -301,7 +302,7 @@ def _quantize_inputs_(inputs, config):
 
 def _traceable(model: nn.Module) -> bool:
     try:
-        fx.symbolic_trace(model)
+        trace(model)
         return True
     except Exception as exc:
         log.warning("could not trace the model (%s); BatchNorm is not folded", exc)

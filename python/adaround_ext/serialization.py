@@ -10,6 +10,8 @@ from .modules import ActivationQuantizer, ChannelClip, QuantizedLayer, check_out
 from .placement import SLOTS, output_quantizer_slots, place_output_quantizers, set_output_quantizers
 
 FORMAT = "adaround_ext/1"
+# Files with ChannelClips or op-output quantizers: a reader of FORMAT alone would drop them silently.
+FORMAT_WITH_GRAPH_CHANGES = "adaround_ext/2"
 _KEYS = ("layers", "folded_batchnorm", "state")
 
 
@@ -44,7 +46,7 @@ def save_quantized(model: nn.Module, path: str) -> None:
     report = getattr(model, "adaround_report", None)
     # ReLU6 modules that cross-layer equalization turned into ChannelClips: name -> channel_dim.
     clips = {name: m.channel_dim for name, m in model.named_modules() if isinstance(m, ChannelClip)}
-    torch.save({"format": FORMAT, "layers": layers, "folded_batchnorm": getattr(model, "adaround_folded_batchnorm", []),
+    torch.save({"format": FORMAT_WITH_GRAPH_CHANGES if clips or outputs else FORMAT, "layers": layers, "folded_batchnorm": getattr(model, "adaround_folded_batchnorm", []),
                 "channel_clips": clips, "output_quantizers": outputs, "float_layers": float_layers, "state": rest,
                 "report": None if report is None else report.to_dict()}, path)
 
@@ -55,8 +57,9 @@ def load_quantized(model: nn.Module, path: str) -> nn.Module:
         saved = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as exc:  # a damaged file fails in the zip reader, in pickle, or anywhere between
         raise ValueError(f"cannot read a quantized model from {path!r}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT or any(k not in saved for k in _KEYS):
-        raise ValueError(f"{path!r} is not an adaround_ext quantized model ({FORMAT})")
+    formats = (FORMAT, FORMAT_WITH_GRAPH_CHANGES)
+    if not isinstance(saved, dict) or saved.get("format") not in formats or any(k not in saved for k in _KEYS):
+        raise ValueError(f"{path!r} is not an adaround_ext quantized model ({' or '.join(formats)})")
     model = copy.deepcopy(model).eval()
     for name in saved["folded_batchnorm"]:
         try:

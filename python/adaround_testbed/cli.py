@@ -132,9 +132,12 @@ def write_artifacts(q, stem: str, example_input, title: str, log) -> None:
     """Native checkpoint, the AIMET export (encodings, quantsim config, rounded weights), ONNX QDQ model
     and the report PNG, side by side."""
     save_quantized(q, stem + ".pt")
-    aimet = export_aimet(q, stem)
     save_report_plot(q.adaround_report, stem + "_report.png", title=title)
-    written = [stem + ".pt", *aimet, stem + "_report.png"]
+    written = [stem + ".pt", stem + "_report.png"]
+    try:
+        written += export_aimet(q, stem)
+    except ValueError as exc:  # e.g. an equalized model whose ReLU6 became per-channel clips
+        log(f"AIMET export skipped: {exc}")
     try:
         export_onnx(q, example_input, stem + ".onnx")
         written.append(stem + ".onnx")

@@ -76,7 +76,7 @@ def test_imagenet_path_quantizes_resnet50(image_folder, tmp_path, capsys):
     runs = tmp_path / "runs"
     out = run_cli(capsys, "--arch", "resnet50", "--data", image_folder, "--weights", weights, "--settings", "w4a8",
                   "--iterations", 4, "--samples", 2, "--batch-size", 1, "--workers", 0, "--out", runs,
-                  "--no-progress")
+                  "--activation-range", "minmax", "--no-progress")
     loader = testbed.imagenet_loader(str(image_folder), workers=0)
     fp32, results = printed_accuracies(out)
     assert fp32 == round(testbed.evaluate(fp32_model, loader), 2)
@@ -84,7 +84,7 @@ def test_imagenet_path_quantizes_resnet50(image_folder, tmp_path, capsys):
     assert round(testbed.evaluate(loaded, loader), 2) == results["W4A8 per-channel, weight-MSE grid, seed 0"][0]
     layers = [m for m in loaded.modules() if isinstance(m, ae.QuantizedLayer)]
     assert len(layers) == 54 and all(m.codes.min() >= -8 and m.codes.max() <= 7 for m in layers)  # 53 convs, fc
-    # The first layer's input range was calibrated on the two images imagenet_images picks.
+    # The first layer's input range is the min/max of the two images imagenet_images picks.
     calib = testbed.imagenet_images(str(image_folder), 2, workers=0)
     assert calib.shape == (2, 3, 224, 224)
     scale, zero_point, _, _ = init_activation_grid(calib.min().item(), calib.max().item(), 8)

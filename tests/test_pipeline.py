@@ -89,7 +89,8 @@ def test_adaround_sees_the_inputs_the_quantized_model_feeds_each_layer(trained, 
         return original(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "optimize_layer", recording)
-    config = ae.QuantConfig(**dict(FAST, iterations=20, num_samples=64), quantized_inputs=quantized_inputs)
+    config = ae.QuantConfig(**dict(FAST, iterations=20, num_samples=64), quantized_inputs=quantized_inputs,
+                            activation_range="minmax")
     q = ae.quantize(trained, data["calib"], config)
     layers = [(n, m) for n, m in q.named_modules() if isinstance(m, ae.QuantizedLayer)]
     quantizers = {n: m.input_quantizer for n, m in layers}

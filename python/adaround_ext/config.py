@@ -61,8 +61,10 @@ class QuantConfig:
     # AIMET does, which scored higher at W4A8 on the testbed (benchmarks/results/2026-12-01-readme-history.md).
     quantized_inputs: bool = False
     # How each activation quantizer's range is calibrated (activation_ranges.py): "minmax" (the observed
-    # range), "mse" (the clipping with the least quantization error) or "percentile".
-    activation_range: str = "minmax"
+    # range), "mse" (the clipping with the least quantization error) or "percentile", the default: within
+    # 0.1 point of min/max or above it on the testbed's resnet18 and mobilenet_v2, and 3-5 points above
+    # it on an outlier-heavy resnet50 (benchmarks/README.md, activation ranges).
+    activation_range: str = "percentile"
     # Where activation quantizers sit (placement.py): "inputs" (each quantized layer's input) or "outputs"
     # (the model input and op outputs, as AIMET's default configuration and integer runtimes place them).
     activation_placement: str = "inputs"

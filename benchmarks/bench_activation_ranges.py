@@ -33,13 +33,8 @@ def main():
     p.add_argument("--placement", default="inputs")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    model = testbed.network(args.arch, 10)
-    model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
-    model.eval()
-    train_x, _ = testbed.fashion_mnist("train")
-    calib = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[: args.samples]]
-    test_x, test_y = testbed.fashion_mnist("test")
-    test = (test_x[: args.eval_images], test_y[: args.eval_images])
+    model = testbed.load_network(args.arch, args.checkpoint)
+    calib, test = testbed.calibration_and_test(args.samples, args.eval_images)
     fp32 = testbed.evaluate(model, *test)
     rows = []
     for setting in args.settings.split(","):

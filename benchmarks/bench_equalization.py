@@ -13,8 +13,6 @@ import os
 import statistics
 import time
 
-import torch
-
 from common import ROOT, print_table
 
 from adaround_ext import QuantConfig, quantize  # noqa: E402
@@ -39,13 +37,8 @@ def main():
     p.add_argument("--eval-images", type=int, default=10000)
     args = p.parse_args()
     path = args.checkpoint or os.path.join(ROOT, "runs", f"fashion_mnist_{args.arch}.pt")
-    model = testbed.network(args.arch, 10)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model.eval()
-    train_x, _ = testbed.fashion_mnist("train")
-    calib = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[: args.samples]]
-    test_x, test_y = testbed.fashion_mnist("test")
-    test = (test_x[: args.eval_images], test_y[: args.eval_images])
+    model = testbed.load_network(args.arch, path)
+    calib, test = testbed.calibration_and_test(args.samples, args.eval_images)
     fp32 = testbed.evaluate(model, *test)
     seeds = [int(s) for s in args.seeds.split(",")]
     plain_seeds = [int(s) for s in (args.plain_seeds or args.seeds).split(",")]

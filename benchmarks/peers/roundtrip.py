@@ -69,13 +69,8 @@ def main():
     if not aimet_available():
         raise SystemExit(f"no AIMET environment at {AIMET_PYTHON}: run benchmarks/peers/setup_aimet.sh")
     os.makedirs(args.out, exist_ok=True)
-    model = testbed.network(args.arch, 10)
-    model.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
-    model.eval()
-    train_x, _ = testbed.fashion_mnist("train")
-    calib = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[: args.samples]]
-    test_x, test_y = testbed.fashion_mnist("test")
-    images, labels = test_x[: args.images], test_y[: args.images]
+    model = testbed.load_network(args.arch, args.checkpoint)
+    calib, (images, labels) = testbed.calibration_and_test(args.samples, args.images)
     print("| setting | placement | activation quantizers (ours / AIMET after loading) | predictions equal | "
           "accuracy ours | accuracy AIMET |\n| --- | --- | --- | --- | --- | --- |")
     for setting in args.settings.split(","):

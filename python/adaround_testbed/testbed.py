@@ -50,6 +50,22 @@ def network(arch: str = "resnet18", num_classes: int = 10) -> nn.Module:
     return getattr(torchvision.models, arch)(num_classes=num_classes)
 
 
+def load_network(arch: str, path: str) -> nn.Module:
+    """The 10-class testbed network `arch` with the FP32 weights saved at `path`, in eval mode."""
+    model = network(arch, 10)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def calibration_and_test(samples: int, test_images: Optional[int] = None):
+    """(calibration images, (test images, labels)): a fixed random subset of `samples` training images
+    (seed 0, labels unused) and the first `test_images` test images (all when None)."""
+    train_x, _ = fashion_mnist("train")
+    calib = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:samples]]
+    test_x, test_y = fashion_mnist("test")
+    return calib, (test_x[:test_images], test_y[:test_images])
+
+
 def train(model: nn.Module, images, labels, epochs: int = 3, batch_size: int = 128, max_lr: float = 0.1,
           weight_decay: float = 5e-4, seed: int = 0, log=print) -> nn.Module:
     """SGD with nesterov momentum, OneCycle schedule, random horizontal flips (docs/design.md#testbed). Trains

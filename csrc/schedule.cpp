@@ -21,7 +21,7 @@ double beta_at(const OptimizeOptions& opt, int64_t t) {
   return opt.beta_end + 0.5 * (opt.beta_start - opt.beta_end) * (1.0 + std::cos(M_PI * progress));
 }
 
-DeviceSchedule::DeviceSchedule(const OptimizeOptions& opt, int64_t samples, at::Device device) : samples_(samples) {
+Tensor schedule_table(const OptimizeOptions& opt) {
   Tensor table = at::empty({opt.iterations, 4}, at::dtype(at::kDouble));
   auto rows = table.accessor<double, 2>();
   for (int64_t t = 0; t < opt.iterations; ++t) {
@@ -31,7 +31,11 @@ DeviceSchedule::DeviceSchedule(const OptimizeOptions& opt, int64_t samples, at::
     rows[t][2] = adam.bias_correction1;
     rows[t][3] = adam.bias_correction2_sqrt;
   }
-  table_ = table.to(device);
+  return table;
+}
+
+DeviceSchedule::DeviceSchedule(const OptimizeOptions& opt, int64_t samples, at::Device device) : samples_(samples) {
+  table_ = schedule_table(opt).to(device);
   rows_ = at::empty({kRowChunk, opt.batch_size}, at::dtype(at::kLong).device(device));
   counter_ = at::zeros({1}, at::dtype(at::kLong).device(device));
 }

@@ -17,6 +17,11 @@ constexpr double kAdamEps = 1e-8;
 // reg_lambda at iteration t (0-based): 0 during the warm start.
 double lambda_at(const OptimizeOptions& options, int64_t t);
 
+// Every iteration's scalars as adam_rounding_step_scheduled_ reads them: float64 [iterations, 4] in
+// CPU memory, row t = (reg_lambda, beta, 1 - beta1^(t+1), sqrt(1 - beta2^(t+1))). The per-layer loop
+// and the block reconstruction (python/adaround_ext/blocks.py) both step from this table.
+at::Tensor schedule_table(const OptimizeOptions& options);
+
 // What changes between iterations, in memory on the loop's device: the minibatch rows, drawn
 // kRowChunk iterations at a time, and each iteration's reg_lambda, beta and Adam bias corrections,
 // read at a counter that every iteration advances in memory. The iterations then enqueue the same

@@ -13,6 +13,7 @@
 #include "../loop/run_checks.h"
 #include "../optimize_options.h"
 #include "../progress.h"
+#include "../schedule.h"
 
 namespace {
 
@@ -35,9 +36,9 @@ bool python_signal_pending() {
   return true;
 }
 
-// Checks the given optimize_layer options (by name, the others at their defaults) as the op would;
-// a bad value or an unknown name raises ValueError naming the option.
-void check_optimize_options(const pybind11::kwargs& given) {
+// The given optimize_layer options (by name, the others at their defaults), checked as the op would
+// check them; a bad value or an unknown name raises ValueError naming the option.
+adaround::OptimizeOptions read_optimize_options(const pybind11::kwargs& given) {
   adaround::OptimizeOptions options;
   size_t known = 0;
 #define ADAROUND_READ(type, name)                                                                  \
@@ -67,6 +68,7 @@ void check_optimize_options(const pybind11::kwargs& given) {
   } catch (const c10::Error& e) {
     throw pybind11::value_error(e.what_without_backtrace());
   }
+  return options;
 }
 
 }  // namespace
@@ -99,8 +101,13 @@ PYBIND11_MODULE(_C, m) {
         return pybind11::reinterpret_borrow<pybind11::object>(reinterpret_cast<PyObject*>(torch::getTHPDtype(dtype)));
       },
       "the dtype of the integer codes of a [quant_min, quant_max] grid (the kernels' rule, for the fakes)");
-  m.def("check_optimize_options", &check_optimize_options,
-        "raises ValueError for an optimize_layer option (keyword arguments) the op would refuse");
+  m.def(
+      "check_optimize_options", [](const pybind11::kwargs& given) { read_optimize_options(given); },
+      "raises ValueError for an optimize_layer option (keyword arguments) the op would refuse");
+  m.def(
+      "schedule_table", [](const pybind11::kwargs& given) { return adaround::schedule_table(read_optimize_options(given)); },
+      "optimize_layer's per-iteration scalars for these options (schedule.h): float64 [iterations, 4]");
+  m.attr("adam_constants") = pybind11::make_tuple(adaround::kAdamBeta1, adaround::kAdamBeta2, adaround::kAdamEps);
   m.def("set_cuda_emulation", &adaround::emulation::set_enabled,
         "routes the CPU ops to the host emulation of their CUDA kernels (csrc/device/emulation.h)");
   m.def("cuda_emulation", &adaround::emulation::enabled, "whether the CUDA kernels are being emulated on the CPU");

@@ -114,6 +114,17 @@ class PrefixCaches:
                 writer.write(start, x, y)
         return writer.result()
 
+    def build_block(self, block):
+        """(x^, the float block's output) of a block that is a module of the model (blocks.Block)."""
+        source = self.q_model if self.config.asymmetric_reconstruction else self.fp_model
+        writer = _CacheWriter(len(self.samples), self.config, self.device)
+        with torch.no_grad():
+            for start in range(0, len(self.samples), CHUNK):
+                batch = self.samples[start:start + CHUNK].to(self.device)
+                x = _capture(source, block.name, batch, want_input=True)
+                writer.write(start, x, _capture(self.fp_model, block.name, batch, want_input=False))
+        return writer.result()
+
 
 class _GraphCursor:
     """Evaluates one model's traced graph node by node over chunks of samples. Modules are looked up
@@ -206,6 +217,25 @@ class GraphWalkCaches:
             start = 0
             for x, y in zip(inputs, outputs):
                 writer.write(start, x, act(y))
+                start += len(x)
+        return writer.result()
+
+    def build_block(self, block):
+        """(x^, the float block's output) of a block (blocks.Block, whose node positions are those of
+        this graph); blocks and layers must be asked for in execution order."""
+        if self.fp.position > block.first or self.q.position > block.first:
+            raise RuntimeError(f"block {block.name} was asked for after the walk passed it")
+        writer = _CacheWriter(self.n, self.config, self.device)
+        with torch.no_grad():
+            self.q.run_until(block.first)
+            inputs = self.q.values[self.q.nodes[block.input_index]]
+            if self.q is self.fp:  # the block's own nodes run next on the same values: keep them as they are
+                inputs = [x.clone() for x in inputs]
+            self.fp.run_until(block.last + 1)
+            outputs = self.fp.values[self.fp.nodes[block.last]]
+            start = 0
+            for x, y in zip(inputs, outputs):
+                writer.write(start, x, y)
                 start += len(x)
         return writer.result()
 

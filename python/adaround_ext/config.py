@@ -16,6 +16,7 @@ ROUNDINGS = ("adaround", "nearest", "floor", "ceil", "stochastic")
 SCALE_METHODS = ("minmax", "mse")
 LOSS_ACTIVATIONS = ("auto", "none", "relu", "relu6")
 CACHE_PLACEMENTS = ("auto", "device", "host")
+RECONSTRUCTIONS = ("layer", "block")
 
 
 def _loop_defaults() -> dict:
@@ -31,7 +32,7 @@ LOOP_DEFAULTS = _loop_defaults()
 LOOP_FIELDS = ("iterations", "batch_size", "lr", "reg_lambda", "beta_start", "beta_end", "warm_start", "schedule",
                "mode", "cuda_graph")
 # The Python types each annotation admits (bool is an int to Python, never a count here).
-_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "tuple": (tuple, list)}
 
 
 @dataclass
@@ -72,6 +73,22 @@ class QuantConfig:
     # Cross-layer equalization with high-bias absorption before the weight grids are chosen
     # (equalize.py): for per-tensor grids on models whose channels' ranges differ widely (depthwise convs).
     cross_layer_equalization: bool = False
+    # What AdaRound reconstructs (blocks.py, docs/algorithm.md#block-reconstruction): "layer", each
+    # Conv/Linear's output (the paper), or "block", each residual block's output with the rounding of all
+    # its layers learned jointly (BRECQ); layers outside any block are still reconstructed one by one.
+    reconstruction: str = "layer"
+    # With reconstruction="block": the module names of the blocks (None: found in the model, see
+    # blocks.find_blocks).
+    blocks: Optional[tuple] = None
+    # With reconstruction="block" and activation_bits, activation quantizers sit inside the block during
+    # its reconstruction (as with quantized_inputs) when quantized_inputs, activation_drop > 0 or
+    # learn_activation_steps is set. activation_drop: the probability that an activation element keeps
+    # its float value during reconstruction (QDrop; always quantized at evaluation).
+    activation_drop: float = 0.0
+    # Learn each in-block activation quantizer's step size with the rounding (the LSQ gradient), by Adam
+    # at activation_step_lr, annealed to 0 by a cosine over the iterations.
+    learn_activation_steps: bool = False
+    activation_step_lr: float = 4e-5
     mode: str = LOOP_DEFAULTS["mode"]  # minibatch, exact (full-data Gram, identity loss only) or auto
     num_samples: int = 1024
     # Where the per-layer caches live: "device" (with the weights), "host" (pinned CPU memory, streamed
@@ -97,7 +114,7 @@ class QuantConfig:
                 raise ValueError(f"{name} must be an integer from 2 to 8, got {bits!r}")
         choices = dict(rounding=ROUNDINGS, scale_method=SCALE_METHODS, loss_activation=LOSS_ACTIVATIONS,
                        cache_placement=CACHE_PLACEMENTS, activation_range=ACTIVATION_RANGES,
-                       activation_placement=ACTIVATION_PLACEMENTS)
+                       activation_placement=ACTIVATION_PLACEMENTS, reconstruction=RECONSTRUCTIONS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -106,9 +123,44 @@ class QuantConfig:
         if self.activation_placement == "outputs" and self.quantized_inputs:
             raise ValueError("quantized_inputs calibrates each layer's input quantizer during the walk; it needs "
                              "activation_placement='inputs'")
+        self._validate_block_options()
         if self.num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {self.num_samples}")
         _C.check_optimize_options(**self.loop_options())
+
+    def _validate_block_options(self) -> None:
+        if not 0.0 <= self.activation_drop <= 1.0:
+            raise ValueError(f"activation_drop must be in [0, 1], got {self.activation_drop}")
+        if not self.activation_step_lr > 0:
+            raise ValueError(f"activation_step_lr must be > 0, got {self.activation_step_lr}")
+        block_only = dict(blocks=self.blocks is not None, activation_drop=self.activation_drop > 0,
+                          learn_activation_steps=self.learn_activation_steps)
+        for name, given in block_only.items():
+            if given and self.reconstruction != "block":
+                raise ValueError(f"{name} needs reconstruction='block' (got {self.reconstruction!r})")
+        if self.blocks is not None:
+            if not self.blocks or not all(isinstance(b, str) and b for b in self.blocks):
+                raise ValueError(f"blocks must be a non-empty list of module names, got {self.blocks!r}")
+            if len(set(self.blocks)) != len(self.blocks):
+                raise ValueError(f"blocks names a module twice: {list(self.blocks)!r}")
+        if self.activation_drop > 0 or self.learn_activation_steps:
+            if self.activation_bits is None:
+                raise ValueError("activation_drop and learn_activation_steps act on activation quantizers; they "
+                                 "need activation_bits")
+            if self.activation_placement != "inputs":
+                raise ValueError("activation_drop and learn_activation_steps quantize each layer's input inside the "
+                                 "block; they need activation_placement='inputs'")
+            if not self.asymmetric_reconstruction:
+                raise ValueError("activation_drop and learn_activation_steps need asymmetric_reconstruction=True")
+
+    @property
+    def activations_in_reconstruction(self) -> bool:
+        """Whether each layer's input quantizer is calibrated, and applied, while the rounding is learned
+        (on x^ during the walk) rather than calibrated afterwards with the whole model."""
+        if self.rounding != "adaround" or self.activation_bits is None or not self.asymmetric_reconstruction:
+            return False
+        return self.quantized_inputs or (self.reconstruction == "block" and (
+            self.activation_drop > 0 or self.learn_activation_steps))
 
     def loop_options(self) -> dict:
         """The optimize_layer options this configuration sets, by the op's names."""

@@ -3,6 +3,7 @@ Conv/Linear layer in execution order with torch.ops.adaround.optimize_layer, cal
 activations."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -14,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _C
-from .caching import CHUNK, make_layer_caches
+from .blocks import Block, BlockLayer, block_module, find_blocks, reconstruct_block
+from .caching import CHUNK, PrefixCaches, make_layer_caches, walkable_graph
 from ._ops import hard_quantize, optimize_layer
 from .checkpoint import Checkpoint, fingerprint
 from .config import QuantConfig
@@ -217,42 +219,54 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
     ckpt = Checkpoint(checkpoint_dir, fingerprint(fp_model, samples, config)) if checkpoint_dir else None
 
     q_model = copy.deepcopy(fp_model)
-    caches = None  # built on the first layer that needs caches
-    progress = _progress(layers, config)
-    for index, name in enumerate(progress):
-        module = fp_model.get_submodule(name)
-        kind = layer_kind(module)
-        bits = config.layer_bits(index, len(layers))
-        saved = ckpt.load(name) if ckpt else None
-        if saved is not None:
-            state, layer_report = saved["state"], LayerReport(**saved["report"])
+    caches = None  # built on the first unit that needs caches
+    blocks = []
+    if config.reconstruction == "block" and config.rounding == "adaround":
+        caches = make_layer_caches(q_model, fp_model, samples, config, device, layers)
+        report.cache_strategy = caches.strategy
+        blocks = _blocks(fp_model, layers, config, caches)
+    index_of = {name: i for i, name in enumerate(layers)}
+    for unit in _progress(_units(layers, blocks), config):
+        if isinstance(unit, Block):
+            saved = ckpt.load(unit.name) if ckpt else None
+            if saved is not None:
+                states = saved["state"]["layers"]
+                layer_reports = [LayerReport(**r) for r in saved["report"]["layers"]]
+            else:
+                with _errors_named(f"block {unit.name}"):
+                    states, layer_reports = _quantize_block(caches, unit, fp_model, index_of, config)
+                if ckpt:
+                    ckpt.save(unit.name, {"layers": states}, {"layers": [r.to_dict() for r in layer_reports]})
         else:
-            if caches is None and config.rounding == "adaround":
-                caches = make_layer_caches(q_model, fp_model, samples, config, device, layers)
-                report.cache_strategy = caches.strategy
-            try:
-                state, layer_report = _quantize_layer(caches, name, module, kind, bits, index, activations, config)
-            except (ValueError, RuntimeError) as exc:  # the same kind of error, naming the layer
-                kind_of_error = RuntimeError if isinstance(exc, RuntimeError) else ValueError
-                raise kind_of_error(f"layer {name}: {exc}") from exc
-            if ckpt:
-                ckpt.save(name, state, layer_report.to_dict())
-        state = dict(state)
-        input_range = state.pop("input_range", None)
-        layer = QuantizedLayer(kind, bias=module.bias, **state, **geometry(module))
-        if input_range is not None:  # later layers' x^ see this layer's quantized input
-            layer.input_quantizer = _input_quantizer(input_range, config.activation_bits)
-        set_submodule(q_model, name, layer.to(device))
-        report.layers.append(layer_report)
-        if on_layer_done:
-            on_layer_done(index, name)
+            name = unit
+            saved = ckpt.load(name) if ckpt else None
+            if saved is not None:
+                state, layer_report = saved["state"], LayerReport(**saved["report"])
+            else:
+                if caches is None and config.rounding == "adaround":
+                    caches = make_layer_caches(q_model, fp_model, samples, config, device, layers)
+                    report.cache_strategy = caches.strategy
+                module = fp_model.get_submodule(name)
+                bits = config.layer_bits(index_of[name], len(layers))
+                with _errors_named(f"layer {name}"):
+                    state, layer_report = _quantize_layer(caches, name, module, layer_kind(module), bits,
+                                                          index_of[name], activations, config)
+                if ckpt:
+                    ckpt.save(name, state, layer_report.to_dict())
+            states, layer_reports = {name: state}, [layer_report]
+        for layer_report in layer_reports:
+            name = layer_report.name
+            _install(q_model, fp_model.get_submodule(name), name, states[name], config, device)
+            report.layers.append(layer_report)
+            if on_layer_done:
+                on_layer_done(index_of[name], name)
 
     report.cache_seconds = sum(r.cache_seconds for r in report.layers)
     report.optimize_seconds = sum(r.seconds for r in report.layers)
     t_cal = time.perf_counter()
     if config.activation_bits is not None and config.activation_placement == "outputs":
         q_model = place_output_quantizers(q_model)
-    if config.activation_bits is not None and not _inputs_quantized_in_walk(config):
+    if config.activation_bits is not None and not config.activations_in_reconstruction:
         ranges = calibrate_activations(q_model, samples, config.activation_bits, device,
                                        method=config.activation_range, percentile=config.activation_percentile)
         if config.activation_placement == "outputs":
@@ -267,6 +281,109 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
     return q_model
 
 
+@contextlib.contextmanager
+def _errors_named(what: str):
+    """Re-raises a ValueError or RuntimeError as the same kind of error, prefixed with `what`."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as exc:
+        kind_of_error = RuntimeError if isinstance(exc, RuntimeError) else ValueError
+        raise kind_of_error(f"{what}: {exc}") from exc
+
+
+def _install(q_model, module, name, state, config, device) -> None:
+    """Puts layer `name`'s QuantizedLayer (from its finished state) into q_model, with its input quantizer
+    where the walk set one: later units' x^ see it."""
+    state = dict(state)
+    input_range, input_grid = state.pop("input_range", None), state.pop("input_grid", None)
+    kind = layer_kind(module)
+    layer = QuantizedLayer(kind, bias=module.bias, **state, **geometry(module))
+    if input_grid is not None:  # learned with the block (blocks.py)
+        layer.input_quantizer = ActivationQuantizer(*input_grid)
+    elif input_range is not None:
+        layer.input_quantizer = _input_quantizer(input_range, config.activation_bits)
+    set_submodule(q_model, name, layer.to(device))
+
+
+def _blocks(fp_model, layers, config, caches) -> list:
+    """The blocks reconstruct_block learns, in execution order (blocks.find_blocks)."""
+    graph = walkable_graph(fp_model, layers)
+    if graph is None:
+        raise ValueError("reconstruction='block' needs a model that torch.fx can trace, with one input and each "
+                         "quantized layer called once")
+    blocks = find_blocks(fp_model, graph, layers, config.blocks)
+    if isinstance(caches, PrefixCaches):  # its caches hook modules: spans of the top-level graph have none
+        for block in blocks:
+            if not block.is_module:
+                log.warning("the span ending at %s is reconstructed layer by layer: the graph walk's caches do "
+                            "not fit in memory", block.name)
+        blocks = [b for b in blocks if b.is_module]
+    log.info("block reconstruction: %d blocks (%s)", len(blocks), ", ".join(b.name for b in blocks))
+    return blocks
+
+
+def _units(layers, blocks) -> list:
+    """The reconstruction units in execution order: a Block, or the name of a layer outside every block."""
+    owner = {name: block for block in blocks for name in block.layers}
+    units = []
+    for name in layers:
+        unit = owner.get(name, name)
+        if not units or units[-1] is not unit:
+            units.append(unit)
+    return units
+
+
+def _quantize_block(caches, block, fp_model, index_of, config):
+    """Each layer's state and report for a block learned by reconstruct_block; errors name no block."""
+    t_cache = time.perf_counter()
+    inputs, targets = caches.build_block(block)
+    cache_seconds = time.perf_counter() - t_cache
+    members = []
+    for name in block.layers:
+        module = fp_model.get_submodule(name)
+        kind = layer_kind(module)
+        weight = module.weight.detach()
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"layer {name}: its weight holds NaN or Inf")
+        bits = config.layer_bits(index_of[name], len(index_of))
+        grid = init_weight_grid(weight, bits, config.per_channel, config.symmetric, config.scale_method,
+                                channel_axis=channel_axis(kind))
+        bias = None if module.bias is None else module.bias.detach()
+        members.append(BlockLayer(name, kind, weight, bias, geometry(module), *grid))
+    activation_bits = config.activation_bits if config.activations_in_reconstruction else None
+    fp_model.requires_grad_(False)  # autograd follows the soft weights (and learned steps) only
+    result = reconstruct_block(block_module(fp_model, block), members, inputs, targets, config,
+                               seed=config.seed * 1000 + index_of[block.layers[0]], activation_bits=activation_bits,
+                               progress=block.name if config.progress else None)
+    location = "pinned host" if inputs.device != caches.device else str(caches.device)
+    states, reports = {}, []
+    for member in members:
+        codes = result.codes[member.name]
+        grid = result.input_grids.get(member.name)
+        report = LayerReport(name=member.name, kind=member.kind, shape=tuple(member.weight.shape),
+                             bits=(member.quant_max - member.quant_min + 1).bit_length() - 1, loss_activation="none",
+                             mode="block", block=block.name, nearest_error=result.nearest_error,
+                             adaround_error=result.adaround_error,
+                             undecided_fraction=result.undecided_fraction[member.name],
+                             seconds=result.seconds / len(members), cache_seconds=cache_seconds / len(members),
+                             cache_location=location, loss_curve=result.loss_curve.tolist(),
+                             input_range=None if grid is None else _grid_range(grid))
+        report.rounded_up_fraction = _rounded_up_fraction(member.weight, codes, member.scale, member.zero_point,
+                                                          member.axis)
+        states[member.name] = dict(codes=codes.cpu(), scale=member.scale.cpu(),
+                                   zero_point=None if member.zero_point is None else member.zero_point.cpu(),
+                                   quant_min=member.quant_min, quant_max=member.quant_max, axis=member.axis,
+                                   input_grid=grid)
+        reports.append(report)
+    return states, reports
+
+
+def _grid_range(grid) -> tuple:
+    """The [lo, hi] an activation grid (scale, zero_point, quant_min, quant_max) covers."""
+    scale, zero_point, quant_min, quant_max = grid
+    return (quant_min - zero_point) * scale, (quant_max - zero_point) * scale
+
+
 def _input_quantizer(value_range, bits: int) -> ActivationQuantizer:
     """A layer's input quantizer for the calibrated (min, max) of its input."""
     return ActivationQuantizer(*init_activation_grid(*value_range, bits))
@@ -277,13 +394,6 @@ def _calibrated_range(observer: RangeObserver, bits: int, method: str, percentil
     if not (math.isfinite(observer.lo) and math.isfinite(observer.hi)):
         raise ValueError(f"{prefix}its input holds NaN or Inf (an earlier layer's output overflowed float32)")
     return observer.range(method, bits, percentile)
-
-
-def _inputs_quantized_in_walk(config) -> bool:
-    """Whether each layer's input quantizer is calibrated on its x^ during the walk (see
-    QuantConfig.quantized_inputs) rather than afterwards."""
-    return (config.rounding == "adaround" and config.activation_bits is not None and config.quantized_inputs
-            and config.asymmetric_reconstruction)
 
 
 def _quantize_inputs_(inputs, config):
@@ -309,12 +419,12 @@ def _traceable(model: nn.Module) -> bool:
         return False
 
 
-def _progress(layers, config):
+def _progress(units, config):
     if not config.progress:
-        return layers
+        return units
     from tqdm.auto import tqdm
 
-    return tqdm(layers, desc=f"{config.rounding} W{config.weight_bits}", unit="layer")
+    return tqdm(units, desc=f"{config.rounding} W{config.weight_bits}", unit="unit")
 
 
 def _quantize_layer(caches, name, module, kind, bits, index, activations, config):
@@ -337,7 +447,7 @@ def _quantize_layer(caches, name, module, kind, bits, index, activations, config
             # reconstruction, and a minibatch draws as many rows as batch_size samples hold.
             batch_size *= inputs[0].numel() // inputs.shape[-1]
             inputs, targets = inputs.reshape(-1, inputs.shape[-1]), targets.reshape(-1, targets.shape[-1])
-        if _inputs_quantized_in_walk(config):
+        if config.activations_in_reconstruction:
             input_range = report.input_range = _quantize_inputs_(inputs, config)
         report.cache_seconds = time.perf_counter() - t_cache
         device = caches.device

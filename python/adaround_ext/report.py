@@ -13,7 +13,10 @@ class LayerReport:
     shape: tuple
     bits: int
     loss_activation: str = "none"
-    mode: str = ""  # minibatch / exact for AdaRound, else the baseline rounding
+    mode: str = ""  # minibatch / exact for AdaRound, block when learned with its block, else the baseline rounding
+    # The block the layer was reconstructed with (QuantConfig.reconstruction="block"), "" for one
+    # reconstructed alone. Its errors and loss curve are then those of the block's output.
+    block: str = ""
     nearest_error: Optional[float] = None
     adaround_error: Optional[float] = None
     undecided_fraction: Optional[float] = None
@@ -46,10 +49,10 @@ class QuantizationReport:
 
     def table(self) -> str:
         fmt = lambda x, spec: "-" if x is None else format(x, spec)
-        header = ("layer", "shape", "bits", "f_a", "mode", "nearest", "adaround", "undecided", "up", "input range",
+        header = ("layer", "shape", "bits", "f_a", "mode", "block", "nearest", "adaround", "undecided", "up", "input range",
                   "cache", "cache s", "opt s")
         span = lambda r: "-" if r is None else f"[{r[0]:.3g}, {r[1]:.3g}]"
-        rows = [(r.name, "x".join(map(str, r.shape)), str(r.bits), r.loss_activation, r.mode,
+        rows = [(r.name, "x".join(map(str, r.shape)), str(r.bits), r.loss_activation, r.mode, r.block or "-",
                  fmt(r.nearest_error, ".4g"), fmt(r.adaround_error, ".4g"), fmt(r.undecided_fraction, ".2%"),
                  fmt(r.rounded_up_fraction, ".1%"), span(r.input_range), r.cache_location or "-",
                  f"{r.cache_seconds:.1f}", f"{r.seconds:.1f}") for r in self.layers]

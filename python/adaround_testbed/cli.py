@@ -14,7 +14,7 @@ import time
 import torch
 
 from adaround_ext.checkpoint import config_tag
-from adaround_ext.config import ACTIVATION_PLACEMENTS, ACTIVATION_RANGES, QuantConfig
+from adaround_ext.config import ACTIVATION_PLACEMENTS, ACTIVATION_RANGES, RECONSTRUCTIONS, QuantConfig
 from adaround_ext.encodings import export_aimet
 from adaround_ext.onnx_export import export_onnx
 from adaround_ext.plots import save_report_plot
@@ -30,6 +30,8 @@ SETTINGS = {
     "w4a8": ("W4A8 per-channel, weight-MSE grid", dict(weight_bits=4, activation_bits=8, per_channel=True,
                                                        scale_method="mse")),
     "w4a4": ("W4A4 per-channel, weight-MSE grid", dict(weight_bits=4, activation_bits=4, per_channel=True,
+                                                       scale_method="mse")),
+    "w2a4": ("W2A4 per-channel, weight-MSE grid", dict(weight_bits=2, activation_bits=4, per_channel=True,
                                                        scale_method="mse")),
     "w4a8-paper": ("W4A8 per-tensor, weight-MSE grid (paper)", dict(weight_bits=4, activation_bits=8,
                                                                     per_channel=False, scale_method="mse")),
@@ -78,9 +80,25 @@ def parse_args(argv=None):
     p.add_argument("--cross-layer-equalization", default="auto", choices=["auto", "on", "off"],
                    help="equalize the model before quantizing it (adaround_ext.equalize); auto: on for the "
                         "per-tensor settings")
+    p.add_argument("--reconstruction", default=QuantConfig.reconstruction, choices=RECONSTRUCTIONS,
+                   help="what AdaRound reconstructs: each layer's output (the paper) or each residual block's "
+                        "output, its layers' rounding learned jointly (BRECQ)")
+    p.add_argument("--activation-bits", default="setting",
+                   help="activation bit width for every setting (2 to 8, or 'none' for float activations); "
+                        "default: the setting's")
+    p.add_argument("--activation-drop", type=float, default=QuantConfig.activation_drop,
+                   help="with --reconstruction block: QDrop, the probability that an activation element stays "
+                        "in float during reconstruction")
+    p.add_argument("--learn-activation-steps", action="store_true",
+                   help="with --reconstruction block: learn the activation step sizes with the rounding (LSQ)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--cuda-graph", action="store_true", help="CUDA: replay each iteration from a CUDA graph")
     args = p.parse_args(argv)
+    if args.activation_bits != "setting":
+        text = args.activation_bits
+        args.activation_bits = None if text.lower() == "none" else (int(text) if text.isdigit() else -1)
+        if args.activation_bits is not None and not 2 <= args.activation_bits <= 8:
+            p.error(f"--activation-bits must be 2 to 8 or 'none', got {text!r}")
     unknown = [s for s in args.settings.split(",") if s not in SETTINGS]
     if unknown:
         p.error(f"unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
@@ -94,6 +112,18 @@ def _device(args) -> str:
 def _equalize(choice: str, overrides: dict) -> bool:
     """Cross-layer equalization for a setting: per-tensor grids need it on depthwise models (MobileNetV2)."""
     return choice == "on" or (choice == "auto" and not overrides["per_channel"])
+
+
+def _reconstruction_label(args) -> str:
+    """What the table's setting label adds for block reconstruction and its activation options."""
+    if args.reconstruction == "layer":
+        return ""
+    label = ", blocks"
+    if args.activation_drop > 0:
+        label += f", QDrop {args.activation_drop:g}"
+    if args.learn_activation_steps:
+        label += ", learned steps"
+    return label
 
 
 def load_fashion_model(args, log):
@@ -169,15 +199,21 @@ def main(argv=None):
     rows = []
     for setting in args.settings.split(","):
         description, overrides = SETTINGS[setting]
+        if args.activation_bits != "setting":
+            overrides = dict(overrides, activation_bits=args.activation_bits)
+            description += f", activations {args.activation_bits or 'float'}"
         common = dict(overrides, iterations=args.iterations, num_samples=args.samples, batch_size=args.batch_size,
                       device=device, progress=not args.no_progress, first_layer_bits=args.first_last_bits,
                       last_layer_bits=args.first_last_bits, cuda_graph=args.cuda_graph,
                       quantized_inputs=args.quantized_inputs, activation_range=args.activation_range,
                       activation_percentile=args.activation_percentile,
                       activation_placement=args.activation_placement,
-                      cross_layer_equalization=_equalize(args.cross_layer_equalization, overrides))
+                      cross_layer_equalization=_equalize(args.cross_layer_equalization, overrides),
+                      reconstruction=args.reconstruction, activation_drop=args.activation_drop,
+                      learn_activation_steps=args.learn_activation_steps)
         if common["cross_layer_equalization"]:
             description += ", CLE"
+        description += _reconstruction_label(args)
         nearest_model = quantize(model, calib, QuantConfig(rounding="nearest", **common))
         nearest = testbed.evaluate(nearest_model, *test_set, device=device)
         accs, times = [], []

@@ -1,0 +1,80 @@
+"""Layer-wise AdaRound against block reconstruction (QuantConfig.reconstruction="block"), with and
+without QDrop and learned activation steps, on the Fashion-MNIST testbed: for each setting the accuracy
+of nearest rounding and of each reconstruction (mean and spread over seeds) and the time of each
+reconstruction run over the layer-wise one's, measured in this run.
+
+    PYTHONPATH=python .venv/bin/python benchmarks/bench_reconstruction.py --arch resnet18 \
+        --settings w4a4,w2a4 --iterations 1000 --seeds 0,1,2
+
+The FP32 checkpoint is runs/fashion_mnist_<arch>.pt (the main job trains and saves it). Settings are the
+main job's (adaround_testbed/cli.py); per-tensor settings get cross-layer equalization as the main job
+gives them.
+"""
+import argparse
+import os
+import statistics
+import time
+
+from common import ROOT, print_table
+
+from adaround_ext import QuantConfig, quantize  # noqa: E402
+from adaround_testbed import testbed  # noqa: E402
+from adaround_testbed.cli import SETTINGS  # noqa: E402
+
+# column: the QuantConfig options of the reconstruction
+RECONSTRUCTIONS = {
+    "layer-wise": dict(reconstruction="layer"),
+    "block": dict(reconstruction="block"),
+    "block+QDrop+steps": dict(reconstruction="block", activation_drop=0.5, learn_activation_steps=True),
+}
+
+
+def mean_spread(values):
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}{spread}"
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--arch", default="resnet18", choices=testbed.ARCHS)
+    p.add_argument("--checkpoint", default=None, help="default runs/fashion_mnist_<arch>.pt")
+    p.add_argument("--settings", default="w4a4,w2a4")
+    p.add_argument("--columns", default=",".join(RECONSTRUCTIONS), help=f"of {', '.join(RECONSTRUCTIONS)}")
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--samples", type=int, default=1024)
+    p.add_argument("--eval-images", type=int, default=10000)
+    args = p.parse_args()
+    path = args.checkpoint or os.path.join(ROOT, "runs", f"fashion_mnist_{args.arch}.pt")
+    model = testbed.load_network(args.arch, path)
+    calib, test = testbed.calibration_and_test(args.samples, args.eval_images)
+    fp32 = testbed.evaluate(model, *test)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    columns = args.columns.split(",")
+    rows = []
+    for setting in args.settings.split(","):
+        description, overrides = SETTINGS[setting]
+        common = dict(overrides, iterations=args.iterations, num_samples=args.samples, device="cpu", progress=False,
+                      cross_layer_equalization=not overrides["per_channel"])
+        nearest = testbed.evaluate(quantize(model, calib, QuantConfig(rounding="nearest", **common)), *test)
+        row, seconds = [setting, f"{fp32:.2f}", f"{nearest:.2f}"], {}
+        for column in columns:
+            accs, times = [], []
+            for seed in seeds:
+                start = time.perf_counter()
+                q = quantize(model, calib, QuantConfig(seed=seed, **RECONSTRUCTIONS[column], **common))
+                times.append(time.perf_counter() - start)
+                accs.append(testbed.evaluate(q, *test))
+                print(f"{description}, {column}, seed {seed}: {accs[-1]:.2f} ({times[-1]:.0f} s)", flush=True)
+            seconds[column] = statistics.mean(times)
+            row.append(mean_spread(accs))
+        first = seconds[columns[0]]
+        row.append(" / ".join(f"{seconds[c] / first:.2f}" for c in columns))
+        rows.append(row)
+    print(f"\n{args.arch}, {args.iterations} iterations per layer or block, {args.samples} calibration images, "
+          f"seeds {args.seeds}, {len(test[1])} test images; time: each column's mean over {columns[0]}'s")
+    print_table(("setting", "FP32", "nearest", *columns, "time"), rows)
+
+
+if __name__ == "__main__":
+    main()

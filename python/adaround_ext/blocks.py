@@ -1,0 +1,435 @@
+"""Block reconstruction (docs/algorithm.md#block-reconstruction): the rounding of every Conv/Linear of a
+residual block learned jointly against the block's float output (BRECQ), optionally with the block's
+activation quantizers in the loop: QDrop (each element keeps its float value with probability
+activation_drop) and step sizes learned with the LSQ gradient.
+
+The block runs as a torch.fx GraphModule cut out of the model's traced graph, with each layer replaced
+by a SoftLayer, under PyTorch autograd; each layer's V then takes the same fused rounding step as the
+per-layer loop (torch.ops.adaround.adam_rounding_step_scheduled_, with the loop's schedule table).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import _C
+from ._ops import hard_quantize, init_v, rectified_sigmoid, round_regularizer, soft_quantize
+from .activation_ranges import RangeObserver, activation_grid
+from .layer_kinds import LAYER_KINDS
+from .modules import set_submodule
+
+log = logging.getLogger("adaround_ext")
+
+# Module classes that are residual blocks by name (torchvision's), found even without an addition
+# (a MobileNetV2 InvertedResidual with a stride or a channel change has none).
+BLOCK_TYPES = ("BasicBlock", "Bottleneck", "InvertedResidual")
+_ADDS = (operator.add, operator.iadd, torch.add)
+EVAL_CHUNK = 128  # samples per forward when the errors are measured on the whole cache
+
+
+@dataclass
+class Block:
+    """A reconstruction unit: graph nodes [first, last] of the traced model, read from one outside
+    value (`input_node`) and read outside only through the last node."""
+    name: str  # the module's name, or for a span of the top-level graph the name of its closing addition
+    layers: List[str]
+    first: int
+    last: int
+    input_node: fx.Node
+    nodes: List[fx.Node] = field(repr=False, default_factory=list)
+    input_index: int = -1  # the position of input_node in the graph (the same in every trace of the model)
+    is_module: bool = True  # a module of the model, rather than a span of the top-level graph
+
+
+def _owners(node: fx.Node) -> List[str]:
+    """The modules whose forward the node ran in, outermost first (a reused module's "@k" suffix dropped)."""
+    return [key.split("@")[0] for key in node.meta.get("nn_module_stack", {})]
+
+
+def _is_residual_add(node: fx.Node) -> bool:
+    adds = (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_"))
+    return adds and sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2
+
+
+def _computes(node: fx.Node) -> bool:
+    return node.op in ("call_module", "call_function", "call_method")
+
+
+def _span(name: str, nodes: List[fx.Node], first: int, last: int, layers: set) -> "Block | str":
+    """The Block over nodes[first..last], or why it cannot be one."""
+    members = [n for n in nodes[first:last + 1] if _computes(n)]
+    inside = set(members)
+    outside_inputs = {a for n in members for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
+    if len(outside_inputs) != 1:
+        return f"it reads {len(outside_inputs)} values from outside it (one is needed)"
+    read_outside = [n for n in members if any(u not in inside for u in n.users)]
+    if read_outside != [nodes[last]]:
+        return "values other than its output are read outside it"
+    block_layers = [n.target for n in members if n.op == "call_module" and n.target in layers]
+    if not block_layers:
+        return "it holds no quantized layer"
+    input_node = next(iter(outside_inputs))
+    return Block(name, block_layers, first, last, input_node, members, nodes.index(input_node))
+
+
+def find_blocks(model: nn.Module, graph: fx.Graph, layers: Sequence[str],
+                names: Optional[Sequence[str]] = None) -> List[Block]:
+    """The blocks of the model, in execution order. `names`: the blocks' module names, each of which
+    must form a block (else ValueError naming it). Without names: every torchvision BasicBlock,
+    Bottleneck and InvertedResidual, the innermost module around each residual addition, and, for an
+    addition in the top-level forward, the shortest span of the graph from where the residual forks to
+    the addition; a found
+    module that cannot be a block (e.g. it reads two outside values) leaves its layers to the layer walk."""
+    nodes = list(graph.nodes)
+    modules = dict(model.named_modules())
+    layers = set(layers)
+    user_given = names is not None
+    if user_given:
+        for name in names:
+            if name not in modules:
+                raise ValueError(f"block {name!r} is not a module of the model")
+        candidates = list(names)
+    else:
+        candidates = [name for name, m in modules.items() if type(m).__name__ in BLOCK_TYPES]
+        candidates += [_owners(n)[-1] for n in nodes if _is_residual_add(n) and _owners(n)]
+        candidates = list(dict.fromkeys(candidates))
+        # The finest blocks: a module that holds another candidate leaves it as its own block.
+        candidates = [c for c in candidates if not any(o != c and o.startswith(c + ".") for o in candidates)]
+    blocks = []
+    for name in candidates:
+        inside = [i for i, n in enumerate(nodes) if _computes(n) and (
+            name in _owners(n) or (n.op == "call_module" and (n.target == name or n.target.startswith(name + "."))))]
+        if not inside:
+            reason = "it is not called by the model's forward"
+        elif any(_computes(nodes[j]) for j in set(range(inside[0], inside[-1] + 1)) - set(inside)):
+            reason = "its nodes are interleaved with others in the traced graph"
+        else:
+            reason = _span(name, nodes, inside[0], inside[-1], layers)
+        if isinstance(reason, Block):
+            blocks.append(reason)
+        elif user_given:
+            raise ValueError(f"block {name!r} cannot be reconstructed as one block: {reason}")
+        else:
+            log.info("module %s is not reconstructed as a block (%s); its layers are reconstructed one by one",
+                     name, reason)
+    if not user_given:
+        blocks += _top_level_spans(nodes, blocks, layers)
+    blocks.sort(key=lambda b: b.first)
+    for a, b in zip(blocks, blocks[1:]):
+        if b.first <= a.last:
+            raise ValueError(f"blocks {a.name!r} and {b.name!r} overlap")
+    return blocks
+
+
+def _top_level_spans(nodes: List[fx.Node], blocks: List[Block], layers: set) -> List[Block]:
+    """Blocks for residual additions outside every module: the shortest span of the graph that ends
+    at the addition, reads one outside value (where the residual path forks) and holds a quantized
+    layer, starting no earlier than the end of the previous block or such span."""
+    spans, start = [], 0
+    for i, node in enumerate(nodes):
+        if not (_is_residual_add(node) and not _owners(node)):
+            continue
+        start = max([start] + [b.last + 1 for b in blocks if b.last < i])
+        if any(b.first <= i <= b.last for b in blocks):
+            continue
+        span = None
+        for first in range(i, start - 1, -1):  # widened one node at a time: the first valid span is the shortest
+            if _computes(nodes[first]):
+                candidate = _span(node.name, nodes, first, i, layers)
+                if isinstance(candidate, Block):
+                    span = candidate
+                    break
+        if span is None:
+            log.info("the residual addition %s starts no block (no span up to it reads one value)", node.name)
+            continue
+        span.is_module = False
+        spans.append(span)
+        start = i + 1
+    return spans
+
+
+def block_module(model: nn.Module, block: Block) -> fx.GraphModule:
+    """The block as a GraphModule of one input. Its submodules are the model's own objects, but setting
+    one (set_submodule on the result) leaves the model as it was."""
+    graph = fx.Graph()
+    env = {block.input_node: graph.placeholder("block_input")}
+
+    def value(node):
+        if node not in env:  # a parameter or buffer read by the block (get_attr), possibly defined before it
+            env[node] = graph.node_copy(node, value)
+        return env[node]
+
+    for node in block.nodes:
+        env[node] = graph.node_copy(node, value)
+    graph.output(env[block.nodes[-1]])
+    return fx.GraphModule(model, graph)
+
+
+# ---- the modules of a block under reconstruction --------------------------------------------
+
+class ReconstructionQuantizer(nn.Module):
+    """A layer's per-tensor input quantizer during block reconstruction: fake quantization on the
+    grid (scale, zero_point, quant_min, quant_max), the scale learnable (LSQ gradient), and with QDrop
+    each element kept in float with probability `drop` while training."""
+
+    def __init__(self, scale: float, zero_point: int, quant_min: int, quant_max: int, learn: bool, drop: float,
+                 generator: Optional[torch.Generator], device):
+        super().__init__()
+        # float32 of shape [1]: what torch's learnable fake quantization takes.
+        self.scale = nn.Parameter(torch.tensor([float(scale)], device=device), requires_grad=learn)
+        self.register_buffer("zero_point", torch.tensor([float(zero_point)], device=device))
+        self.quant_min, self.quant_max, self.learn, self.drop = int(quant_min), int(quant_max), learn, float(drop)
+        self.generator = generator
+
+    def quantize(self, x):
+        if self.learn:  # its kernels take float32 only
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x.float(), self.scale, self.zero_point, self.quant_min, self.quant_max, 1.0).to(x.dtype)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale.detach()[0], self.zero_point.int()[0],
+                                                     self.quant_min, self.quant_max)
+
+    def forward(self, x):
+        quantized = self.quantize(x)
+        if not self.training or self.drop == 0.0:
+            return quantized
+        keep_float = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop
+        return torch.where(keep_float, x, quantized)
+
+    def grid(self):
+        """(scale, zero_point, quant_min, quant_max) of the ActivationQuantizer this one becomes."""
+        return self.scale.item(), int(self.zero_point.item()), self.quant_min, self.quant_max
+
+
+class SoftLayer(nn.Module):
+    """A Conv/Linear of the block computed with `weight` (set before each forward: the soft weight W~,
+    or hard weights to measure the error), after its input quantizer, if any."""
+
+    def __init__(self, kind: str, bias: Optional[torch.Tensor], geometry: dict):
+        super().__init__()
+        self.kind, self.bias, self.geometry = kind, bias, geometry
+        self.weight: Optional[torch.Tensor] = None
+        self.input_quantizer: Optional[nn.Module] = None
+        self.observer: Optional[RangeObserver] = None  # set while the input ranges are calibrated
+
+    def forward(self, x):
+        if self.observer is not None:
+            self.observer.observe(x)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return LAYER_KINDS[self.kind].apply(x, self.weight, self.bias, **self.geometry)
+
+
+@dataclass
+class BlockLayer:
+    """One layer of a block: its float weight and bias, kind, geometry and weight grid."""
+    name: str
+    kind: str
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    geometry: dict
+    scale: torch.Tensor
+    zero_point: Optional[torch.Tensor]
+    quant_min: int
+    quant_max: int
+    axis: Optional[int]
+
+
+@dataclass
+class BlockResult:
+    codes: Dict[str, torch.Tensor]
+    v: Dict[str, torch.Tensor]
+    input_grids: Dict[str, tuple]  # layer: (scale, zero_point, quant_min, quant_max), with activations inside
+    nearest_error: float
+    adaround_error: float
+    undecided_fraction: Dict[str, float]
+    loss_curve: torch.Tensor
+    seconds: float = 0.0
+
+
+class _Rounding:
+    """V, Adam's moments, the soft weight and floor(W/s) + z of one layer, as the per-layer loop keeps them."""
+
+    def __init__(self, layer: BlockLayer):
+        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32  # the kernels' rule
+        w = layer.weight.detach().to(dtype).contiguous()
+        self.layer, self.weight = layer, w
+        self.zero_point = (torch.zeros_like(layer.scale) if layer.zero_point is None else layer.zero_point).to(dtype)
+        self.scale = layer.scale.to(dtype)
+        shape = [1] * w.dim()
+        if layer.axis is not None:
+            shape[layer.axis] = -1
+        view = lambda t: t.reshape(shape) if layer.axis is not None else t.reshape(())
+        self.grid_base = (torch.floor(w / view(self.scale)) + view(self.zero_point)).contiguous()
+        self.v = init_v(w, self.scale, layer.axis).contiguous()
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.v), torch.zeros_like(self.v)
+        self.soft = soft_quantize(w, self.v, self.scale, self.zero_point, layer.quant_min, layer.quant_max,
+                                  layer.axis).contiguous()
+        self.nearest = hard_quantize(w, self.scale, self.zero_point, layer.quant_min, layer.quant_max, layer.axis,
+                                     "nearest")[1]
+
+    def step(self, grad, scalars, lr, adam):
+        torch.ops.adaround.adam_rounding_step_scheduled_(
+            self.v, self.exp_avg, self.exp_avg_sq, self.soft, grad.contiguous(), self.grid_base, self.scale,
+            self.zero_point, self.layer.quant_min, self.layer.quant_max, self.layer.axis, scalars, lr, *adam)
+
+    def hard(self):
+        """(codes, dequantized weight) of the learned rounding."""
+        return hard_quantize(self.weight, self.scale, self.zero_point, self.layer.quant_min,
+                             self.layer.quant_max, self.layer.axis, "adaptive", v=self.v)
+
+
+def output_positions(output: torch.Tensor) -> int:
+    """Output positions per sample: the loss sums over channels (dim 1) and averages over samples and
+    positions, as the per-layer loss does."""
+    return output[0].numel() // output.shape[1] if output.dim() > 1 else 1
+
+
+def reconstruct_block(block_gm: fx.GraphModule, layers: List[BlockLayer], inputs: torch.Tensor,
+                      targets: torch.Tensor, config, seed: int, activation_bits: Optional[int] = None,
+                      progress: Optional[str] = None) -> BlockResult:
+    """Learns the rounding of `layers` (the block's Conv/Linear layers, by their names in block_gm)
+    against `targets` (the float block's output) on `inputs` (x^). With `activation_bits`, each layer's
+    input quantizer is calibrated on the block's float activations (config.activation_range) and takes
+    part, with config.activation_drop and config.learn_activation_steps. Minibatch rows are drawn as
+    the per-layer loop draws them for `seed`."""
+    t0 = time.perf_counter()
+    device = layers[0].weight.device
+    for name, cache in (("input", inputs), ("output", targets)):
+        if not torch.isfinite(cache).all():
+            raise ValueError(f"its cached {name} holds NaN or Inf (an earlier layer's output overflowed float32)")
+    states = {layer.name: _Rounding(layer) for layer in layers}
+    soft_layers = {}
+    for layer in layers:
+        soft_layers[layer.name] = SoftLayer(layer.kind, layer.bias, layer.geometry)
+        set_submodule(block_gm, layer.name, soft_layers[layer.name])
+    _set_weights(soft_layers, {n: s.soft for n, s in states.items()})
+    quantizers = {}
+    if activation_bits is not None:
+        quantizers = _calibrated_quantizers(block_gm, soft_layers, inputs, config, activation_bits, seed, device)
+    block_gm.eval()  # the float block's own modules (dropout) as they computed the targets
+    for quantizer in quantizers.values():
+        quantizer.train()  # QDrop draws while learning; evaluation quantizes every element
+
+    n = inputs.shape[0]
+    options = config.loop_options()
+    table = _C.schedule_table(**options).to(device)
+    adam = _C.adam_constants
+    rows_generator = torch.Generator().manual_seed(seed)  # the per-layer loop's rows for the same seed
+    scales = [q.scale for q in quantizers.values() if q.learn]
+    step_optimizer = torch.optim.Adam(scales, lr=config.activation_step_lr) if scales else None
+    iterations, log_every = config.iterations, max(1, config.iterations // 100)
+    curve = torch.zeros((iterations + log_every - 1) // log_every)
+    bar = _bar(progress, iterations)
+    try:
+        for t in range(iterations):
+            rows = torch.randint(n, (config.batch_size,), generator=rows_generator)
+            x = inputs[rows.to(inputs.device)].to(device, non_blocking=True)
+            y = targets[rows.to(targets.device)].to(device, non_blocking=True)
+            weights = {name: s.soft.detach().requires_grad_() for name, s in states.items()}
+            _set_weights(soft_layers, weights)
+            out = block_gm(x)
+            loss = (out - y).pow(2).sum() / (config.batch_size * output_positions(out))
+            grads = torch.autograd.grad(loss, [*weights.values(), *scales])
+            scalars = table[t]
+            with torch.no_grad():
+                for state, grad in zip(states.values(), grads):
+                    state.step(grad, scalars, config.lr, adam)
+                if step_optimizer is not None:
+                    for scale, grad in zip(scales, grads[len(states):]):
+                        scale.grad = grad
+                    for group in step_optimizer.param_groups:  # cosine annealing to 0
+                        group["lr"] = config.activation_step_lr * 0.5 * (1 + math.cos(math.pi * t / iterations))
+                    step_optimizer.step()
+                    for scale in scales:
+                        scale.clamp_(min=1e-8)
+            if t % log_every == 0:
+                total = loss.detach()
+                if scalars[0].item() > 0:
+                    beta = scalars[1].item()
+                    total = total + scalars[0] * sum(round_regularizer(s.v, beta) for s in states.values())
+                curve[t // log_every] = total.item()
+                if not math.isfinite(curve[t // log_every].item()):
+                    raise ValueError(f"the block's reconstruction loss is not finite at iteration {t}")
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    for quantizer in quantizers.values():
+        quantizer.eval()
+    hard = {name: s.hard() for name, s in states.items()}
+    _set_weights(soft_layers, {name: s.nearest for name, s in states.items()})
+    nearest_error = block_error(block_gm, inputs, targets, device)
+    _set_weights(soft_layers, {name: h[1] for name, h in hard.items()})
+    adaround_error = block_error(block_gm, inputs, targets, device)
+    undecided = {}
+    for name, s in states.items():
+        h = rectified_sigmoid(s.v)
+        undecided[name] = ((h > 0) & (h < 1)).float().mean().item()
+    return BlockResult(codes={name: h[0] for name, h in hard.items()}, v={n: s.v for n, s in states.items()},
+                       input_grids={name: q.grid() for name, q in quantizers.items()}, nearest_error=nearest_error,
+                       adaround_error=adaround_error, undecided_fraction=undecided, loss_curve=curve,
+                       seconds=time.perf_counter() - t0)
+
+
+def _set_weights(soft_layers, weights):
+    for name, weight in weights.items():
+        soft_layers[name].weight = weight
+
+
+def _calibrated_quantizers(block_gm, soft_layers, inputs, config, bits, seed, device) -> dict:
+    """Each layer's input quantizer, its range calibrated (config.activation_range) on the block's
+    float activations over the cached inputs, with the weights as the soft weights start (W~ = W
+    clipped to the grid)."""
+    for layer in soft_layers.values():
+        layer.observer = RangeObserver()
+    try:
+        with torch.no_grad():
+            for part in inputs.split(EVAL_CHUNK):
+                block_gm(part.to(device))
+    finally:
+        observers = {name: layer.observer for name, layer in soft_layers.items()}
+        for layer in soft_layers.values():
+            layer.observer = None
+    generator = None
+    if config.activation_drop > 0:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    quantizers = {}
+    for name, observer in observers.items():
+        if not (math.isfinite(observer.lo) and math.isfinite(observer.hi)):
+            raise ValueError(f"layer {name}: its input holds NaN or Inf")
+        lo, hi = observer.range(config.activation_range, bits, config.activation_percentile)
+        grid = activation_grid(lo, hi, bits)
+        quantizers[name] = ReconstructionQuantizer(*grid, learn=config.learn_activation_steps,
+                                                   drop=config.activation_drop, generator=generator, device=device)
+        soft_layers[name].input_quantizer = quantizers[name]
+    return quantizers
+
+
+def block_error(block_gm, inputs, targets, device) -> float:
+    """The block's reconstruction loss on the whole cache (the per-layer loss's normalisation)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in zip(inputs.split(EVAL_CHUNK), targets.split(EVAL_CHUNK)):
+            out = block_gm(x.to(device))
+            total += (out - y.to(device)).pow(2).sum().item()
+            count += len(x) * output_positions(out)
+    return total / count
+
+
+def _bar(description, total):
+    if not description:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="it", leave=False)

@@ -1,0 +1,485 @@
+"""Block reconstruction (QuantConfig.reconstruction="block"), QDrop and learned activation steps, against
+plain-PyTorch references: autograd + torch.optim.Adam over a written-out block, finite differences, and
+the per-layer loop."""
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import adaround_ext as ae
+from adaround_ext import blocks as blocks_mod
+from adaround_ext._ops import optimize_layer
+from adaround_ext.activation_ranges import activation_grid
+from adaround_ext.encodings import export_encodings
+from adaround_ext.onnx_export import export_onnx
+from adaround_ext.blocks import BlockLayer, ReconstructionQuantizer, block_module, find_blocks, reconstruct_block
+from adaround_ext.modules import QuantizedLayer, trace
+from conftest import needs_cuda
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(x + self.conv2(self.relu(self.conv1(x))))
+
+
+class TwoBlocks(nn.Module):
+    """stem, two residual blocks (found by their additions: not a torchvision class), head."""
+
+    def __init__(self, c=6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.block1 = ResBlock(c)
+        self.block2 = ResBlock(c)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.block2(self.block1(F.relu(self.stem(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def two_blocks(seed=0):
+    torch.manual_seed(seed)
+    return TwoBlocks().eval()
+
+
+def images(n=48, seed=1):
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+FAST = dict(iterations=30, batch_size=8, num_samples=48, progress=False, weight_bits=3, scale_method="minmax")
+
+
+# ---- finding blocks ---------------------------------------------------------------------------
+
+def layer_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def test_blocks_of_torchvision_networks():
+    import torchvision
+
+    resnet = torchvision.models.resnet18()
+    found = find_blocks(resnet, trace(resnet), layer_names(resnet))
+    assert [b.name for b in found] == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert found[2].layers == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+    mobilenet = torchvision.models.mobilenet_v2()
+    found = find_blocks(mobilenet, trace(mobilenet), layer_names(mobilenet))
+    # Every InvertedResidual, those without a residual addition (stride 2 or a channel change) too.
+    assert [b.name for b in found] == [f"features.{i}" for i in range(1, 18)]
+
+
+def test_blocks_found_by_their_residual_additions_and_top_level_spans():
+    model = two_blocks()
+    found = find_blocks(model, trace(model), layer_names(model))
+    assert [(b.name, b.layers) for b in found] == [("block1", ["block1.conv1", "block1.conv2"]),
+                                                   ("block2", ["block2.conv1", "block2.conv2"])]
+
+    class Flat(nn.Module):  # residuals in the model's own forward: spans of its graph
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d, self.e = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(5))
+
+        def forward(self, x):
+            x = F.relu(self.a(x))
+            x = x + self.b(x)
+            x = self.d(F.relu(x)) + self.c(x)  # both paths through a layer: the span starts at the fork
+            return self.e(x)
+
+    flat = Flat()
+    found = find_blocks(flat, trace(flat), ["a", "b", "d", "c", "e"])
+    assert [(b.name, b.layers) for b in found] == [("add", ["b"]), ("add_1", ["d", "c"])]
+
+
+def test_named_blocks_and_their_errors():
+    model = two_blocks()
+    graph, layers = trace(model), layer_names(model)
+    assert [b.name for b in find_blocks(model, graph, layers, ["block2"])] == ["block2"]
+    with pytest.raises(ValueError, match="block 'nope' is not a module"):
+        find_blocks(model, graph, layers, ["nope"])
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x, skip):
+            return self.conv(x) + skip
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Conv2d(4, 4, 1)
+            self.inner = TwoInputs()
+
+        def forward(self, x):
+            return self.inner(self.first(x), x)
+
+    outer = Outer()
+    with pytest.raises(ValueError, match=r"block 'inner' cannot be reconstructed as one block: it reads 2 values"):
+        find_blocks(outer, trace(outer), ["first", "inner.conv"], ["inner"])
+    with pytest.raises(ValueError, match="block 'inner'"):  # the same error through quantize, naming the block
+        ae.quantize(outer, torch.randn(16, 4, 5, 5),
+                    ae.QuantConfig(reconstruction="block", blocks=["inner"], activation_bits=None,
+                                   **dict(FAST, num_samples=16)))
+
+
+# ---- the learned rounding against plain PyTorch ------------------------------------------------
+
+def block_setup(dtype=torch.float64, bits=3, seed=0):
+    """block1 of a TwoBlocks model with its cached inputs and float outputs, and its layers' grids."""
+    model = two_blocks(seed).to(dtype)
+    x = images().to(dtype)
+    with torch.no_grad():
+        inputs = F.relu(model.stem(x))
+        targets = model.block1(inputs)
+    n, p = ae.quant_range(bits)
+    layers = []
+    for name in ("block1.conv1", "block1.conv2"):
+        conv = model.get_submodule(name)
+        scale = conv.weight.detach().abs().amax(dim=(1, 2, 3)) / p * 0.9  # some weights clip
+        layers.append(BlockLayer(name, "conv2d", conv.weight.detach(), conv.bias.detach(),
+                                 dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1), scale, None, n, p, 0))
+    block = find_blocks(model, trace(model), layer_names(model))[0]
+    return model, block, layers, inputs, targets
+
+
+def reference_rounding(model, layers, inputs, targets, config, seed, act_grids=None, drop_all=False):
+    """V after each iteration, learned by autograd and torch.optim.Adam over the block written out by hand,
+    with the paper's formulas and schedule; act_grids: each conv input's fake-quantization grid."""
+    block = model.block1
+    bias = [block.conv1.bias.detach(), block.conv2.bias.detach()]
+    vs = []
+    for layer in layers:
+        frac = layer.weight / layer.scale.view(-1, 1, 1, 1)
+        frac = frac - torch.floor(frac)
+        vs.append(torch.logit((frac + 0.1) / 1.2).clone().requires_grad_())  # h(V) = frac at the start
+    adam = torch.optim.Adam(vs, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    rows_gen = torch.Generator().manual_seed(seed)
+    warm_end = config.warm_start * config.iterations
+    history = []
+
+    def soft_weight(layer, v):
+        h = (torch.sigmoid(v) * 1.2 - 0.1).clamp(0, 1)
+        s = layer.scale.view(-1, 1, 1, 1)
+        return s * torch.clamp(torch.floor(layer.weight / s) + h, layer.quant_min, layer.quant_max), h
+
+    def quantized(a, i):
+        if act_grids is None or drop_all:
+            return a
+        scale, zero_point, qmin, qmax = act_grids[i]
+        return torch.fake_quantize_per_tensor_affine(a, scale, zero_point, qmin, qmax)
+
+    for t in range(config.iterations):
+        rows = torch.randint(len(inputs), (config.batch_size,), generator=rows_gen)
+        x, y = inputs[rows], targets[rows]
+        (w1, h1), (w2, h2) = soft_weight(layers[0], vs[0]), soft_weight(layers[1], vs[1])
+        hidden = F.relu(F.conv2d(quantized(x, 0), w1, bias[0], padding=1))
+        out = F.relu(x + F.conv2d(quantized(hidden, 1), w2, bias[1], padding=1))
+        loss = (out - y).pow(2).sum() / (config.batch_size * out.shape[2] * out.shape[3])
+        if t >= int(warm_end):
+            progress = min(max((t - warm_end) / max(1.0, config.iterations - warm_end), 0.0), 1.0)
+            beta = config.beta_end + 0.5 * (config.beta_start - config.beta_end) * (1 + math.cos(math.pi * progress))
+            loss = loss + config.reg_lambda * sum((1 - (2 * h - 1).abs().pow(beta)).sum() for h in (h1, h2))
+        adam.zero_grad()
+        loss.backward()
+        adam.step()
+        history.append([v.detach().clone() for v in vs])
+    return history
+
+
+def recorded_steps(monkeypatch):
+    """V of every layer after every rounding step reconstruct_block takes, in order."""
+    steps = []
+    original = blocks_mod._Rounding.step
+
+    def step(self, *args):
+        original(self, *args)
+        steps.append(self.v.clone())
+
+    monkeypatch.setattr(blocks_mod._Rounding, "step", step)
+    return steps
+
+
+@pytest.mark.parametrize("activations", ["float", "quantized"])
+def test_block_rounding_equals_plain_pytorch_step_by_step(monkeypatch, activations):
+    model, block, layers, inputs, targets = block_setup()
+    config = ae.QuantConfig(iterations=12, batch_size=8, warm_start=0.25, activation_range="minmax",
+                            quantized_inputs=activations == "quantized", activation_bits=4)
+    steps = recorded_steps(monkeypatch)
+    bits = 4 if activations == "quantized" else None
+    result = reconstruct_block(block_module(model, block), layers, inputs, targets, config, seed=7,
+                               activation_bits=bits)
+    act_grids = None
+    if bits:  # min/max of each conv's float input over the cache, the weights clipped to their grid
+        s = layers[0].scale.view(-1, 1, 1, 1)
+        clipped = s * torch.clamp(layers[0].weight / s, layers[0].quant_min, layers[0].quant_max)
+        hidden = F.relu(F.conv2d(inputs, clipped, layers[0].bias, padding=1))
+        act_grids = [activation_grid(t.min().item(), t.max().item(), 4) for t in (inputs, hidden)]
+        got = [result.input_grids[n] for n in ("block1.conv1", "block1.conv2")]
+        assert [v for grid in got for v in grid] == pytest.approx([v for grid in act_grids for v in grid])
+    expected = reference_rounding(model, layers, inputs, targets, config, seed=7, act_grids=act_grids)
+    assert len(steps) == 2 * config.iterations
+    for t, reference in enumerate(expected):
+        for i, v in enumerate(reference):
+            torch.testing.assert_close(steps[2 * t + i], v, rtol=1e-9, atol=1e-9, msg=f"iteration {t}, layer {i}")
+    # The codes are the learned rounding of the last V.
+    for layer, v in zip(layers, expected[-1]):
+        h = (torch.sigmoid(v) * 1.2 - 0.1).clamp(0, 1)
+        codes = torch.clamp(torch.floor(layer.weight / layer.scale.view(-1, 1, 1, 1)) + (h >= 0.5).double(),
+                            layer.quant_min, layer.quant_max)
+        assert torch.equal(result.codes[layer.name].double(), codes)
+
+
+def test_qdrop_extremes(monkeypatch):
+    """Drop probability 1: activations stay float, as with no activation quantizer at all; 0: all
+    quantized, as the plain reference with quantized activations (the test above); between: differs."""
+    model, block, layers, inputs, targets = block_setup()
+    common = dict(iterations=10, batch_size=8, activation_bits=4)
+    run = lambda **kw: reconstruct_block(block_module(model, block), layers, inputs, targets,
+                                         ae.QuantConfig(**common, **kw), seed=3, activation_bits=4 if kw else None)
+    floats = reconstruct_block(block_module(model, block), layers, inputs, targets, ae.QuantConfig(**common), seed=3)
+    dropped_all = run(reconstruction="block", activation_drop=1.0)
+    quantized_all = run(reconstruction="block", quantized_inputs=True, activation_drop=0.0)
+    half = run(reconstruction="block", activation_drop=0.5)
+    for name in floats.v:
+        assert torch.equal(dropped_all.v[name], floats.v[name])
+        assert not torch.equal(quantized_all.v[name], floats.v[name])
+        assert not torch.equal(half.v[name], floats.v[name]) and not torch.equal(half.v[name], quantized_all.v[name])
+
+
+def test_qdrop_keeps_the_given_share_of_elements_in_float():
+    x = torch.rand(200, 100) * 3
+    q = ReconstructionQuantizer(0.2, 0, 0, 15, learn=False, drop=0.3, generator=torch.Generator().manual_seed(0),
+                                device="cpu")
+    quantized = torch.fake_quantize_per_tensor_affine(x, 0.2, 0, 0, 15)
+    out = q(x)
+    kept = (out == x) & (quantized != x)
+    assert torch.equal(out[~kept], quantized[~kept])
+    assert kept.float().mean().item() == pytest.approx(0.3, abs=0.02)
+    assert torch.equal(q.eval()(x), quantized)  # at evaluation always quantized
+
+
+def test_learned_step_receives_the_lsq_gradient():
+    """d/ds of the quantizer's output: the straight-through (LSQ) gradient, i.e. the derivative of the
+    surrogate that holds at s0 which elements clip and, for the others, the rounding offset
+    c = round(x/s0) - x/s0: y(s) = x + s c inside the grid, s (q - z) for a clipped level q. Checked
+    against central finite differences of that surrogate and against LSQ's formula."""
+    torch.manual_seed(0)
+    x = torch.randn(500) * 2
+    weights = torch.randn(500, dtype=torch.float64)
+    zero_point, n, p = 5, 0, 15
+    q = ReconstructionQuantizer(0.3, zero_point, n, p, learn=True, drop=0.0, generator=None, device="cpu")
+    output = q(x)
+    (weights * output).sum().backward()
+    s0, x = q.scale.item(), x.double()  # the float32 step, exactly; the references in float64
+    code = torch.round(x / s0) + zero_point
+    offsets = torch.round(x / s0) - x / s0
+    clipped_level = torch.clamp(code, n, p)
+    inside = code == clipped_level
+
+    def surrogate(s):
+        return (weights * torch.where(inside, x + s * offsets, s * (clipped_level - zero_point))).sum().item()
+
+    assert surrogate(s0) == pytest.approx((weights * output).sum().item(), rel=1e-6)  # the output at s0
+    eps = 1e-6
+    finite_difference = (surrogate(s0 + eps) - surrogate(s0 - eps)) / (2 * eps)
+    assert q.scale.grad.item() == pytest.approx(finite_difference, rel=1e-5)  # the kernel computes in float32
+    lsq = torch.where(inside, offsets, clipped_level - zero_point)
+    assert q.scale.grad.item() == pytest.approx((weights * lsq).sum().item(), rel=1e-5)
+    assert 0 < (~inside).sum() < len(x) // 2  # both kinds of element are there
+
+
+def test_a_one_layer_block_learns_what_the_per_layer_loop_learns():
+    """The same rows, schedule and fused step: the autograd path and the C++ loop agree."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    model = nn.Sequential(conv)
+    inputs = torch.randn(40, 4, 6, 6)
+    with torch.no_grad():
+        targets = conv(inputs)
+    n, p = ae.quant_range(4)
+    scale = conv.weight.detach().abs().amax(dim=(1, 2, 3)) / p
+    layer = BlockLayer("0", "conv2d", conv.weight.detach(), conv.bias.detach(),
+                       dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1), scale, None, n, p, 0)
+    block = find_blocks(model, trace(model), ["0"], ["0"])[0]
+    config = ae.QuantConfig(iterations=60, batch_size=8, mode="minibatch")
+    result = reconstruct_block(block_module(model, block), [layer], inputs, targets, config, seed=5)
+    loop = optimize_layer(conv.weight.detach(), conv.bias.detach(), scale, None, n, p, 0, inputs, targets,
+                          stride=(1, 1), padding=(1, 1), seed=5, **config.loop_options())
+    torch.testing.assert_close(result.v["0"], loop.v, rtol=1e-4, atol=1e-4)
+    assert torch.equal(result.codes["0"], loop.codes)
+
+
+# ---- through quantize() ------------------------------------------------------------------------
+
+def block_config(**kw):
+    return ae.QuantConfig(reconstruction="block", activation_bits=8, **dict(FAST, **kw))
+
+
+def test_block_mode_through_the_pipeline_save_load_encodings_onnx(tmp_path):
+    model, x = two_blocks(), images()
+    q = ae.quantize(model, x, block_config(activation_drop=0.5, learn_activation_steps=True))
+    report = q.adaround_report
+    assert [(r.name, r.mode, r.block) for r in report.layers] == [
+        ("stem", "minibatch", ""), ("block1.conv1", "block", "block1"), ("block1.conv2", "block", "block1"),
+        ("block2.conv1", "block", "block2"), ("block2.conv2", "block", "block2"), ("head", "exact", "")]
+    assert "block" in report.table().splitlines()[0].split()
+    for r in report.layers[1:5]:  # learned steps: each layer's quantizer is the grid the report shows
+        layer = q.get_submodule(r.name)
+        assert isinstance(layer, QuantizedLayer) and layer.input_quantizer is not None
+        lo, hi = r.input_range
+        assert layer.input_quantizer.scale.item() == pytest.approx((hi - lo) / 255)
+    # The quantized block is the learned rounding: its error on its own cache is what the report says.
+    assert report.layers[1].adaround_error <= report.layers[1].nearest_error
+    path = str(tmp_path / "q.pt")
+    ae.save_quantized(q, path)
+    loaded = ae.load_quantized(model, path)
+    assert torch.equal(loaded(x), q(x))
+    export_encodings(q, str(tmp_path / "q.encodings"))
+    ort = pytest.importorskip("onnxruntime")
+    export_onnx(q, x[:2], str(tmp_path / "q.onnx"))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph's own arithmetic
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    # test_export's tolerance: a last-bit difference now and then moves an activation across a rounding boundary.
+    with torch.no_grad():
+        expected = q(x)
+    assert (torch.from_numpy(out) - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_learned_steps_end_in_the_model():
+    model, x = two_blocks(), images()
+    fixed = ae.quantize(model, x, block_config(quantized_inputs=True))
+    learned = ae.quantize(model, x, block_config(learn_activation_steps=True, activation_step_lr=1e-2))
+    changed = [n for n in ("block1.conv2", "block2.conv2")
+               if learned.get_submodule(n).input_quantizer.scale != fixed.get_submodule(n).input_quantizer.scale]
+    assert changed == ["block1.conv2", "block2.conv2"]
+    # The stem is reconstructed alone: its input quantizer is calibrated on the images, not learned.
+    assert learned.stem.input_quantizer.scale == fixed.stem.input_quantizer.scale
+
+
+def test_block_mode_without_activations_inside_calibrates_afterwards():
+    model, x = two_blocks(), images()
+    q = ae.quantize(model, x, block_config(activation_range="minmax"))
+    weights_only = copy.deepcopy(q)  # the quantized weights with float activations, as calibration sees them
+    for module in weights_only.modules():
+        if isinstance(module, QuantizedLayer):
+            module.input_quantizer = None
+    for name in ("block1.conv1", "block2.conv2"):
+        recorded = []
+        handle = weights_only.get_submodule(name).register_forward_pre_hook(lambda m, a: recorded.append(a[0]))
+        with torch.no_grad():
+            weights_only(x)
+        handle.remove()
+        observed = torch.cat([r.flatten() for r in recorded])
+        expected = activation_grid(observed.min().item(), observed.max().item(), 8)[0]
+        assert q.get_submodule(name).input_quantizer.scale.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_resume_in_the_middle_of_a_block_gives_the_identical_model(tmp_path, monkeypatch):
+    model, x = two_blocks(), images()
+    config = block_config(activation_drop=0.5, learn_activation_steps=True)
+    straight = ae.quantize(model, x, config)
+
+    class Interrupted(Exception):
+        pass
+
+    calls = {"n": 0}
+    original = blocks_mod._Rounding.step
+
+    def step(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 2 * config.iterations + 7:  # iteration 3 of block2
+            raise Interrupted
+        original(self, *args)
+
+    monkeypatch.setattr(blocks_mod._Rounding, "step", step)
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(Interrupted):
+        ae.quantize(model, x, config, checkpoint_dir=ckpt)
+    assert sorted(f for f in os.listdir(ckpt) if f.startswith("layer.")) == ["layer.block1.pt", "layer.stem.pt"]
+    calls["n"] = -10**9  # no more interruptions; count what the resumed run recomputes
+    resumed = ae.quantize(model, x, config, checkpoint_dir=ckpt)
+    assert calls["n"] == -10**9 + 2 * config.iterations  # block2 only: block1 came from its checkpoint
+    straight_buffers = dict(straight.named_buffers())
+    for name, buffer in resumed.named_buffers():
+        assert torch.equal(buffer, straight_buffers[name]), name
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(reconstruction="blocks"), ValueError, "reconstruction must be one of layer, block"),
+    (dict(activation_drop=0.5), ValueError, "activation_drop needs reconstruction='block'"),
+    (dict(learn_activation_steps=True), ValueError, "learn_activation_steps needs reconstruction='block'"),
+    (dict(blocks=["block1"]), ValueError, "blocks needs reconstruction='block'"),
+    (dict(reconstruction="block", activation_drop=1.5), ValueError, r"activation_drop must be in \[0, 1\]"),
+    (dict(reconstruction="block", activation_drop=-0.1), ValueError, r"activation_drop must be in \[0, 1\]"),
+    (dict(reconstruction="block", activation_drop=math.nan), ValueError, "activation_drop must be finite"),
+    (dict(reconstruction="block", activation_step_lr=0.0), ValueError, "activation_step_lr must be > 0"),
+    (dict(reconstruction="block", blocks=[]), ValueError, "blocks must be a non-empty list"),
+    (dict(reconstruction="block", blocks=["a", "a"]), ValueError, "blocks names a module twice"),
+    (dict(reconstruction="block", blocks="block1"), TypeError, "QuantConfig.blocks must be tuple"),
+    (dict(reconstruction="block", learn_activation_steps=True, activation_bits=None), ValueError,
+     "need activation_bits"),
+    (dict(reconstruction="block", activation_drop=0.5, activation_placement="outputs"), ValueError,
+     "need activation_placement='inputs'"),
+    (dict(reconstruction="block", learn_activation_steps="yes"), TypeError,
+     "QuantConfig.learn_activation_steps must be bool"),
+])
+def test_block_options_are_validated(options, error, match):
+    with pytest.raises(error, match=match):
+        ae.QuantConfig(**options)
+
+
+def test_block_mode_needs_a_traceable_model():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else -self.conv(x)  # data-dependent control flow
+
+    with pytest.raises(ValueError, match="reconstruction='block' needs a model that torch.fx can trace"):
+        ae.quantize(Untraceable(), images(8) + 10, block_config(num_samples=8, batch_size=4))
+
+
+def test_cli_block_options():
+    from adaround_testbed.cli import SETTINGS, parse_args
+
+    assert {"w4a4", "w2a4"} <= set(SETTINGS)
+    args = parse_args(["--reconstruction", "block", "--activation-bits", "none", "--activation-drop", "0.5",
+                       "--learn-activation-steps", "--settings", "w2a4"])
+    assert (args.reconstruction, args.activation_bits, args.activation_drop, args.learn_activation_steps) == (
+        "block", None, 0.5, True)
+    assert parse_args(["--activation-bits", "4"]).activation_bits == 4
+    assert parse_args([]).activation_bits == "setting"
+    for bad in ("9", "four"):
+        with pytest.raises(SystemExit):
+            parse_args(["--activation-bits", bad])
+
+
+@needs_cuda
+def test_block_reconstruction_on_cuda_matches_the_cpu():
+    model, block, layers, inputs, targets = block_setup(dtype=torch.float32)
+    config = ae.QuantConfig(iterations=20, batch_size=8, reconstruction="block", quantized_inputs=True,
+                            activation_bits=4)
+    cpu = reconstruct_block(block_module(model, block), layers, inputs, targets, config, seed=1, activation_bits=4)
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu_layers = [BlockLayer(l.name, l.kind, l.weight.cuda(), l.bias.cuda(), l.geometry, l.scale.cuda(), None,
+                             l.quant_min, l.quant_max, l.axis) for l in layers]
+    gpu_block = find_blocks(gpu_model, trace(gpu_model), layer_names(gpu_model))[0]
+    gpu = reconstruct_block(block_module(gpu_model, gpu_block), gpu_layers, inputs.cuda(), targets.cuda(), config,
+                            seed=1, activation_bits=4)
+    for name in cpu.v:
+        torch.testing.assert_close(gpu.v[name].cpu(), cpu.v[name], rtol=1e-4, atol=1e-4)

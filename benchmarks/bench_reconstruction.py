@@ -44,6 +44,10 @@ def main():
     p.add_argument("--seeds", default="0")
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--eval-images", type=int, default=10000)
+    p.add_argument("--activation-bits", default="setting", help="2 to 8, or none (float activations); "
+                   "default: the setting's")
+    p.add_argument("--first-last-bits", type=int, default=None,
+                   help="bit width of the first and last layer (BRECQ and QDrop keep them at 8)")
     args = p.parse_args()
     path = args.checkpoint or os.path.join(ROOT, "runs", f"fashion_mnist_{args.arch}.pt")
     model = testbed.load_network(args.arch, path)
@@ -54,8 +58,13 @@ def main():
     rows = []
     for setting in args.settings.split(","):
         description, overrides = SETTINGS[setting]
+        if args.activation_bits != "setting":
+            bits = None if args.activation_bits == "none" else int(args.activation_bits)
+            overrides = dict(overrides, activation_bits=bits)
+            description += f", activations {bits or 'float'}"
         common = dict(overrides, iterations=args.iterations, num_samples=args.samples, device="cpu", progress=False,
-                      cross_layer_equalization=not overrides["per_channel"])
+                      cross_layer_equalization=not overrides["per_channel"], first_layer_bits=args.first_last_bits,
+                      last_layer_bits=args.first_last_bits)
         nearest = testbed.evaluate(quantize(model, calib, QuantConfig(rounding="nearest", **common)), *test)
         row, seconds = [setting, f"{fp32:.2f}", f"{nearest:.2f}"], {}
         for column in columns:
@@ -72,7 +81,8 @@ def main():
         row.append(" / ".join(f"{seconds[c] / first:.2f}" for c in columns))
         rows.append(row)
     print(f"\n{args.arch}, {args.iterations} iterations per layer or block, {args.samples} calibration images, "
-          f"seeds {args.seeds}, {len(test[1])} test images; time: each column's mean over {columns[0]}'s")
+          f"seeds {args.seeds}, {len(test[1])} test images, first/last layer bits {args.first_last_bits or 'as set'}; "
+          f"time: each column's mean over {columns[0]}'s")
     print_table(("setting", "FP32", "nearest", *columns, "time"), rows)
 
 

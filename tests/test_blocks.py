@@ -334,13 +334,8 @@ def test_block_mode_through_the_pipeline_save_load_encodings_onnx(tmp_path):
         ("stem", "minibatch", ""), ("block1.conv1", "block", "block1"), ("block1.conv2", "block", "block1"),
         ("block2.conv1", "block", "block2"), ("block2.conv2", "block", "block2"), ("head", "exact", "")]
     assert "block" in report.table().splitlines()[0].split()
-    for r in report.layers[1:5]:  # learned steps: each layer's quantizer is the grid the report shows
-        layer = q.get_submodule(r.name)
-        assert isinstance(layer, QuantizedLayer) and layer.input_quantizer is not None
-        lo, hi = r.input_range
-        assert layer.input_quantizer.scale.item() == pytest.approx((hi - lo) / 255)
-    # The quantized block is the learned rounding: its error on its own cache is what the report says.
-    assert report.layers[1].adaround_error <= report.layers[1].nearest_error
+    for r in report.layers:  # every input quantizer was set during the walk: none is calibrated afterwards
+        assert q.get_submodule(r.name).input_quantizer is not None and r.input_range is not None
     path = str(tmp_path / "q.pt")
     ae.save_quantized(q, path)
     loaded = ae.load_quantized(model, path)
@@ -408,7 +403,7 @@ def test_resume_in_the_middle_of_a_block_gives_the_identical_model(tmp_path, mon
     ckpt = str(tmp_path / "ckpt")
     with pytest.raises(Interrupted):
         ae.quantize(model, x, config, checkpoint_dir=ckpt)
-    assert sorted(f for f in os.listdir(ckpt) if f.startswith("layer.")) == ["layer.block1.pt", "layer.stem.pt"]
+    assert sorted(f for f in os.listdir(ckpt) if f.endswith(".pt")) == ["block.block1.pt", "layer.stem.pt"]
     calls["n"] = -10**9  # no more interruptions; count what the resumed run recomputes
     resumed = ae.quantize(model, x, config, checkpoint_dir=ckpt)
     assert calls["n"] == -10**9 + 2 * config.iterations  # block2 only: block1 came from its checkpoint
@@ -458,15 +453,123 @@ def test_cli_block_options():
     from adaround_testbed.cli import SETTINGS, parse_args
 
     assert {"w4a4", "w2a4"} <= set(SETTINGS)
-    args = parse_args(["--reconstruction", "block", "--activation-bits", "none", "--activation-drop", "0.5",
+    args = parse_args(["--reconstruction", "block", "--activation-bits", "3", "--activation-drop", "0.5",
                        "--learn-activation-steps", "--settings", "w2a4"])
     assert (args.reconstruction, args.activation_bits, args.activation_drop, args.learn_activation_steps) == (
-        "block", None, 0.5, True)
+        "block", 3, 0.5, True)
+    assert parse_args(["--activation-bits", "none"]).activation_bits is None
+    # Combinations QuantConfig refuses fail when the command is parsed, before the model loads.
+    for bad in (["--activation-drop", "0.5"], ["--reconstruction", "block", "--activation-drop", "0.5",
+                                               "--activation-bits", "none"],
+                ["--reconstruction", "block", "--learn-activation-steps", "--settings", "w4-pt"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
     assert parse_args(["--activation-bits", "4"]).activation_bits == 4
     assert parse_args([]).activation_bits == "setting"
     for bad in ("9", "four"):
         with pytest.raises(SystemExit):
             parse_args(["--activation-bits", bad])
+
+
+@pytest.mark.parametrize("asymmetric", [True, False])
+def test_both_cache_strategies_give_the_same_block_caches(asymmetric):
+    from adaround_ext.caching import GraphWalkCaches, PrefixCaches, make_layer_caches
+
+    model, x = two_blocks(), images()
+    layers = layer_names(model)
+    config = ae.QuantConfig(asymmetric_reconstruction=asymmetric, progress=False)
+    found = find_blocks(model, trace(model), layers)
+    walk = make_layer_caches(model, model, x, config, torch.device("cpu"), layers)
+    rerun = make_layer_caches(model, model, x, config, torch.device("cpu"), layers, memory_budget=0)
+    assert isinstance(walk, GraphWalkCaches) and isinstance(rerun, PrefixCaches)
+    with torch.no_grad():
+        block1_input = F.relu(model.stem(x))
+        expected = [(block1_input, model.block1(block1_input)),
+                    (model.block1(block1_input), model.block2(model.block1(block1_input)))]
+    for block, (inputs, outputs) in zip(found, expected):
+        for caches in (walk, rerun):
+            got_inputs, got_outputs = caches.build_block(block)
+            torch.testing.assert_close(got_inputs, inputs, rtol=0, atol=0)
+            torch.testing.assert_close(got_outputs, outputs, rtol=0, atol=0)
+
+
+class InPlaceBlock(nn.Module):
+    """Changes its input in place before its layer reads it (the caches must not see that)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        x = x.mul_(2)
+        return x + self.conv(x)
+
+
+def test_a_block_that_changes_its_input_in_place():
+    torch.manual_seed(0)
+    model = nn.Sequential(InPlaceBlock(), nn.ReLU()).eval()
+    x = images()
+    with torch.no_grad():
+        expected = model[0](x.clone())
+    block = find_blocks(model, trace(model), ["0.conv"])[0]
+    for memory_budget in (None, 0):  # the graph walk, then prefix reruns
+        from adaround_ext.caching import make_layer_caches
+
+        caches = make_layer_caches(model, model, x.clone(), ae.QuantConfig(progress=False), torch.device("cpu"),
+                                   ["0.conv"], memory_budget=memory_budget)
+        inputs, outputs = caches.build_block(block)
+        torch.testing.assert_close(inputs, x, rtol=0, atol=0)
+        torch.testing.assert_close(outputs, expected, rtol=0, atol=0)
+    q = ae.quantize(model, x, ae.QuantConfig(reconstruction="block", activation_bits=None, **FAST))
+    report = q.adaround_report.layers[0]
+    assert report.block == "0"
+    # The reported error is the quantized block's on the true inputs (not on inputs doubled again).
+    with torch.no_grad():
+        error = (q[0](x.clone()) - expected).pow(2).sum().item() / (x.shape[0] * x.shape[2] * x.shape[3])
+    assert report.adaround_error == pytest.approx(error, rel=1e-5)
+
+
+def test_an_affine_addition_inside_a_block_does_not_make_its_own_block():
+    """x * gamma + beta (a parameter, as in ConvNeXt's LayerNorm) is no residual: the block around it is found."""
+    class Affine(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.gamma, self.beta = nn.Parameter(torch.ones(c, 1, 1)), nn.Parameter(torch.zeros(c, 1, 1))
+
+        def forward(self, x):
+            return x * self.gamma + self.beta
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv, self.norm, self.pw = nn.Conv2d(c, c, 3, padding=1), Affine(c), nn.Conv2d(c, c, 1)
+
+        def forward(self, x):
+            return x + self.pw(self.norm(self.conv(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.stage = nn.Conv2d(3, 4, 1), Block(4)
+
+        def forward(self, x):
+            return self.stage(self.stem(x))
+
+    net = Net()
+    found = find_blocks(net, trace(net), ["stem", "stage.conv", "stage.pw"])
+    assert [(b.name, b.layers) for b in found] == [("stage", ["stage.conv", "stage.pw"])]
+
+
+def test_a_block_ending_in_a_linear_over_tokens_averages_over_tokens():
+    """The loss sums over the last (channel) dimension of a Linear's output [N, T, C] and averages over
+    samples and tokens, as the per-layer loss does."""
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(20, 7, 4), torch.randn(20, 7, 3)
+    model = nn.Sequential(nn.Linear(4, 3))
+    block = find_blocks(model, trace(model), ["0"], ["0"])[0]
+    gm = block_module(model, block)
+    assert blocks_mod.block_error(gm, inputs, targets, torch.device("cpu"), -1) == pytest.approx(
+        ((model(inputs) - targets) ** 2).sum().item() / (20 * 7))
 
 
 @needs_cuda

@@ -9,6 +9,7 @@ per-layer loop (torch.ops.adaround.adam_rounding_step_scheduled_, with the loop'
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import operator
@@ -55,9 +56,12 @@ def _owners(node: fx.Node) -> List[str]:
 
 
 def _is_residual_add(node: fx.Node) -> bool:
+    """An addition of two computed values (not of a parameter, a buffer or a size)."""
     adds = (node.op == "call_function" and node.target in _ADDS) or (
         node.op == "call_method" and node.target in ("add", "add_"))
-    return adds and sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2
+    computed = lambda a: isinstance(a, fx.Node) and a.op != "get_attr" and not (  # noqa: E731
+        a.op == "call_method" and a.target == "size") and not (a.op == "call_function" and a.target is getattr)
+    return adds and len(node.args) >= 2 and computed(node.args[0]) and computed(node.args[1])
 
 
 def _computes(node: fx.Node) -> bool:
@@ -93,34 +97,44 @@ def find_blocks(model: nn.Module, graph: fx.Graph, layers: Sequence[str],
     modules = dict(model.named_modules())
     layers = set(layers)
     user_given = names is not None
-    if user_given:
-        for name in names:
-            if name not in modules:
-                raise ValueError(f"block {name!r} is not a module of the model")
-        candidates = list(names)
-    else:
-        candidates = [name for name, m in modules.items() if type(m).__name__ in BLOCK_TYPES]
-        candidates += [_owners(n)[-1] for n in nodes if _is_residual_add(n) and _owners(n)]
-        candidates = list(dict.fromkeys(candidates))
-        # The finest blocks: a module that holds another candidate leaves it as its own block.
-        candidates = [c for c in candidates if not any(o != c and o.startswith(c + ".") for o in candidates)]
-    blocks = []
-    for name in candidates:
+
+    def module_block(name):
+        """The Block of module `name`, or why it cannot be one."""
         inside = [i for i, n in enumerate(nodes) if _computes(n) and (
             name in _owners(n) or (n.op == "call_module" and (n.target == name or n.target.startswith(name + "."))))]
         if not inside:
-            reason = "it is not called by the model's forward"
-        elif any(_computes(nodes[j]) for j in set(range(inside[0], inside[-1] + 1)) - set(inside)):
-            reason = "its nodes are interleaved with others in the traced graph"
-        else:
-            reason = _span(name, nodes, inside[0], inside[-1], layers)
-        if isinstance(reason, Block):
-            blocks.append(reason)
-        elif user_given:
-            raise ValueError(f"block {name!r} cannot be reconstructed as one block: {reason}")
-        else:
-            log.info("module %s is not reconstructed as a block (%s); its layers are reconstructed one by one",
-                     name, reason)
+            return "it is not called by the model's forward"
+        if any(_computes(nodes[j]) for j in set(range(inside[0], inside[-1] + 1)) - set(inside)):
+            return "its nodes are interleaved with others in the traced graph"
+        return _span(name, nodes, inside[0], inside[-1], layers)
+
+    if user_given:
+        blocks = []
+        for name in names:
+            if name not in modules:
+                raise ValueError(f"block {name!r} is not a module of the model")
+            block = module_block(name)
+            if not isinstance(block, Block):
+                raise ValueError(f"block {name!r} cannot be reconstructed as one block: {block}")
+            blocks.append(block)
+    else:
+        tried = {}
+        for name, module in modules.items():
+            if type(module).__name__ in BLOCK_TYPES:
+                tried[name] = module_block(name)
+                if not isinstance(tried[name], Block):
+                    log.info("module %s is not reconstructed as a block (%s); its layers are reconstructed one by "
+                             "one", name, tried[name])
+        for node in nodes:  # the innermost module around each residual addition that makes a block
+            for owner in reversed(_owners(node) if _is_residual_add(node) else []):
+                if owner not in tried:
+                    tried[owner] = module_block(owner)
+                if isinstance(tried[owner], Block):
+                    break
+        valid = {name: block for name, block in tried.items() if isinstance(block, Block)}
+        # The finest blocks: a module that holds another block leaves it as its own block.
+        blocks = [block for name, block in valid.items()
+                  if not any(other.startswith(name + ".") for other in valid)]
     if not user_given:
         blocks += _top_level_spans(nodes, blocks, layers)
     blocks.sort(key=lambda b: b.first)
@@ -287,10 +301,25 @@ class _Rounding:
                              self.layer.quant_max, self.layer.axis, "adaptive", v=self.v)
 
 
-def output_positions(output: torch.Tensor) -> int:
-    """Output positions per sample: the loss sums over channels (dim 1) and averages over samples and
-    positions, as the per-layer loss does."""
-    return output[0].numel() // output.shape[1] if output.dim() > 1 else 1
+def output_positions(output: torch.Tensor, channel_dim: int) -> int:
+    """Output positions per sample: the loss sums over channels (dim 1 after a convolution, the last
+    after a Linear, which may run over tokens) and averages over samples and positions, as the
+    per-layer loss does."""
+    return output[0].numel() // output.shape[channel_dim] if output.dim() > 1 else 1
+
+
+@contextlib.contextmanager
+def full_precision():
+    """IEEE float32 matrix products and convolutions with deterministic cuDNN algorithms, as
+    optimize_layer runs (csrc/loop/backend_flags.h): the same numbers on every run of a seed."""
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=False, deterministic=True,
+                                        allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
 
 def reconstruct_block(block_gm: fx.GraphModule, layers: List[BlockLayer], inputs: torch.Tensor,
@@ -301,8 +330,14 @@ def reconstruct_block(block_gm: fx.GraphModule, layers: List[BlockLayer], inputs
     input quantizer is calibrated on the block's float activations (config.activation_range) and takes
     part, with config.activation_drop and config.learn_activation_steps. Minibatch rows are drawn as
     the per-layer loop draws them for `seed`."""
+    with full_precision():
+        return _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bits, progress)
+
+
+def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bits, progress) -> BlockResult:
     t0 = time.perf_counter()
     device = layers[0].weight.device
+    channel_dim = 1 if LAYER_KINDS[layers[-1].kind].is_conv else -1
     for name, cache in (("input", inputs), ("output", targets)):
         if not torch.isfinite(cache).all():
             raise ValueError(f"its cached {name} holds NaN or Inf (an earlier layer's output overflowed float32)")
@@ -337,9 +372,13 @@ def reconstruct_block(block_gm: fx.GraphModule, layers: List[BlockLayer], inputs
             weights = {name: s.soft.detach().requires_grad_() for name, s in states.items()}
             _set_weights(soft_layers, weights)
             out = block_gm(x)
-            loss = (out - y).pow(2).sum() / (config.batch_size * output_positions(out))
-            grads = torch.autograd.grad(loss, [*weights.values(), *scales])
+            loss = (out - y).pow(2).sum() / (config.batch_size * output_positions(out, channel_dim))
+            # A layer whose output does not reach the block's output differentiably gets a zero gradient.
+            grads = torch.autograd.grad(loss, [*weights.values(), *scales], allow_unused=True,
+                                        materialize_grads=True)
             scalars = table[t]
+            if t % log_every == 0:  # the loss of this iteration's V, as the per-layer loop samples it
+                curve[t // log_every] = _sampled_loss(loss, scalars, states, t)
             with torch.no_grad():
                 for state, grad in zip(states.values(), grads):
                     state.step(grad, scalars, config.lr, adam)
@@ -351,27 +390,24 @@ def reconstruct_block(block_gm: fx.GraphModule, layers: List[BlockLayer], inputs
                     step_optimizer.step()
                     for scale in scales:
                         scale.clamp_(min=1e-8)
-            if t % log_every == 0:
-                total = loss.detach()
-                if scalars[0].item() > 0:
-                    beta = scalars[1].item()
-                    total = total + scalars[0] * sum(round_regularizer(s.v, beta) for s in states.values())
-                curve[t // log_every] = total.item()
-                if not math.isfinite(curve[t // log_every].item()):
-                    raise ValueError(f"the block's reconstruction loss is not finite at iteration {t}")
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
 
-    for quantizer in quantizers.values():
+    for name, state in states.items():
+        if not torch.isfinite(state.v).all():
+            raise ValueError(f"layer {name}: its rounding variables became NaN or Inf")
+    for name, quantizer in quantizers.items():
         quantizer.eval()
+        if not math.isfinite(quantizer.scale.item()):
+            raise ValueError(f"layer {name}: its learned activation step became NaN or Inf")
     hard = {name: s.hard() for name, s in states.items()}
     _set_weights(soft_layers, {name: s.nearest for name, s in states.items()})
-    nearest_error = block_error(block_gm, inputs, targets, device)
+    nearest_error = block_error(block_gm, inputs, targets, device, channel_dim)
     _set_weights(soft_layers, {name: h[1] for name, h in hard.items()})
-    adaround_error = block_error(block_gm, inputs, targets, device)
+    adaround_error = block_error(block_gm, inputs, targets, device, channel_dim)
     undecided = {}
     for name, s in states.items():
         h = rectified_sigmoid(s.v)
@@ -380,6 +416,18 @@ def reconstruct_block(block_gm: fx.GraphModule, layers: List[BlockLayer], inputs
                        input_grids={name: q.grid() for name, q in quantizers.items()}, nearest_error=nearest_error,
                        adaround_error=adaround_error, undecided_fraction=undecided, loss_curve=curve,
                        seconds=time.perf_counter() - t0)
+
+
+def _sampled_loss(loss, scalars, states, t) -> float:
+    """The minibatch loss plus the regulariser's term (after the warm start); an error if not finite."""
+    total = loss.detach()
+    if scalars[0].item() > 0:
+        beta = scalars[1].item()
+        total = total + scalars[0] * sum(round_regularizer(s.v, beta) for s in states.values())
+    value = total.item()
+    if not math.isfinite(value):
+        raise ValueError(f"the block's reconstruction loss is not finite at iteration {t}")
+    return value
 
 
 def _set_weights(soft_layers, weights):
@@ -396,7 +444,7 @@ def _calibrated_quantizers(block_gm, soft_layers, inputs, config, bits, seed, de
     try:
         with torch.no_grad():
             for part in inputs.split(EVAL_CHUNK):
-                block_gm(part.to(device))
+                block_gm(part.to(device, copy=True))  # a copy: a block may change its input in place
     finally:
         observers = {name: layer.observer for name, layer in soft_layers.items()}
         for layer in soft_layers.values():
@@ -416,14 +464,14 @@ def _calibrated_quantizers(block_gm, soft_layers, inputs, config, bits, seed, de
     return quantizers
 
 
-def block_error(block_gm, inputs, targets, device) -> float:
+def block_error(block_gm, inputs, targets, device, channel_dim: int) -> float:
     """The block's reconstruction loss on the whole cache (the per-layer loss's normalisation)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for x, y in zip(inputs.split(EVAL_CHUNK), targets.split(EVAL_CHUNK)):
-            out = block_gm(x.to(device))
+            out = block_gm(x.to(device, copy=True))  # a copy: a block may change its input in place
             total += (out - y.to(device)).pow(2).sum().item()
-            count += len(x) * output_positions(out)
+            count += len(x) * output_positions(out, channel_dim)
     return total / count
 
 

@@ -108,9 +108,10 @@ class PrefixCaches:
         writer = _CacheWriter(len(self.samples), self.config, self.device)
         with torch.no_grad():
             for start in range(0, len(self.samples), CHUNK):
-                batch = self.samples[start:start + CHUNK].to(self.device)
-                x = _capture(source, name, batch, want_input=True)
-                y = act(_capture(self.fp_model, name, batch, want_input=False))
+                batch = self.samples[start:start + CHUNK]
+                # Copies: a model may change its input in place, and both runs read the same samples.
+                x = _capture(source, name, batch.to(self.device, copy=True), want_input=True)
+                y = act(_capture(self.fp_model, name, batch.to(self.device, copy=True), want_input=False))
                 writer.write(start, x, y)
         return writer.result()
 
@@ -120,9 +121,10 @@ class PrefixCaches:
         writer = _CacheWriter(len(self.samples), self.config, self.device)
         with torch.no_grad():
             for start in range(0, len(self.samples), CHUNK):
-                batch = self.samples[start:start + CHUNK].to(self.device)
-                x = _capture(source, block.name, batch, want_input=True)
-                writer.write(start, x, _capture(self.fp_model, block.name, batch, want_input=False))
+                batch = self.samples[start:start + CHUNK]
+                x = _capture(source, block.name, batch.to(self.device, copy=True), want_input=True)
+                y = _capture(self.fp_model, block.name, batch.to(self.device, copy=True), want_input=False)
+                writer.write(start, x, y)
         return writer.result()
 
 
@@ -171,8 +173,8 @@ class _GraphCursor:
         return total
 
     def _evaluate(self, node: fx.Node, c: int):
-        if node.op == "placeholder":
-            return self.chunks[c].to(self.device)
+        if node.op == "placeholder":  # a copy: the model may change its input in place, and both walks read it
+            return self.chunks[c].to(self.device, copy=True)
         if node.op == "output":
             return None
         if node.op == "get_attr":
@@ -228,9 +230,9 @@ class GraphWalkCaches:
         writer = _CacheWriter(self.n, self.config, self.device)
         with torch.no_grad():
             self.q.run_until(block.first)
-            inputs = self.q.values[self.q.nodes[block.input_index]]
-            if self.q is self.fp:  # the block's own nodes run next on the same values: keep them as they are
-                inputs = [x.clone() for x in inputs]
+            # Copies: the float walk runs the block next, and it may change its input in place (the two
+            # walks share the placeholder's values, and one walk is both without asymmetric reconstruction).
+            inputs = [x.clone() for x in self.q.values[self.q.nodes[block.input_index]]]
             self.fp.run_until(block.last + 1)
             outputs = self.fp.values[self.fp.nodes[block.last]]
             start = 0

@@ -54,7 +54,7 @@ def fingerprint(model: torch.nn.Module, samples: torch.Tensor, config) -> str:
 
 
 class Checkpoint:
-    """One file per finished layer. Each holds the run's fingerprint and a SHA-256 of its payload: a
+    """One file per finished layer or block. Each holds the run's fingerprint and a SHA-256 of its payload: a
     file that was damaged, truncated or copied in from another run is not trusted; its layer is
     recomputed, and the log says why."""
 
@@ -72,35 +72,36 @@ class Checkpoint:
         else:
             self._write_json(path, {"fingerprint": key})
 
-    def _layer_path(self, name: str) -> str:
-        return os.path.join(self.directory, f"layer.{name}.pt")
+    def _layer_path(self, name: str, kind: str) -> str:
+        return os.path.join(self.directory, f"{kind}.{name}.pt")
 
     @staticmethod
     def _write_json(path, data):
         _atomic_write(path, lambda f: f.write(json.dumps(data).encode()))
 
-    def load(self, name: str) -> Optional[dict]:
-        """The saved {"state", "report"} of layer `name`, or None (not saved, or not trusted: see the log)."""
-        path = self._layer_path(name)
+    def load(self, name: str, kind: str = "layer") -> Optional[dict]:
+        """The saved {"state", "report"} of the layer (kind "layer") or block (kind "block") `name`, or None
+        (not saved, or not trusted: see the log)."""
+        path = self._layer_path(name, kind)
         if not os.path.exists(path):
             return None
         try:
             outer = torch.load(path, weights_only=False, map_location="cpu")
             if not isinstance(outer, dict) or outer.get("format") != LAYER_FORMAT:
                 raise ValueError("not a layer checkpoint of this version")
-            if outer.get("fingerprint") != self.key or outer.get("layer") != name:
+            if outer.get("fingerprint") != self.key or outer.get("layer") != name or outer.get("kind", "layer") != kind:
                 raise ValueError("it belongs to another run or layer")
             if hashlib.sha256(outer["payload"]).hexdigest() != outer.get("sha256"):
                 raise ValueError("its content does not match its SHA-256")
             return torch.load(io.BytesIO(outer["payload"]), weights_only=False, map_location="cpu")
         except Exception as exc:  # anything unreadable is recomputed, not trusted
-            log.warning("checkpoint %s is not used (%s); layer %s is recomputed", path, exc, name)
+            log.warning("checkpoint %s is not used (%s); %s %s is recomputed", path, exc, kind, name)
             return None
 
-    def save(self, name: str, state: dict, report: dict) -> None:
+    def save(self, name: str, state: dict, report: dict, kind: str = "layer") -> None:
         buffer = io.BytesIO()
         torch.save({"state": state, "report": report}, buffer)
         payload = buffer.getvalue()
-        outer = {"format": LAYER_FORMAT, "fingerprint": self.key, "layer": name, "payload": payload,
+        outer = {"format": LAYER_FORMAT, "fingerprint": self.key, "layer": name, "kind": kind, "payload": payload,
                  "sha256": hashlib.sha256(payload).hexdigest()}
-        _atomic_write(self._layer_path(name), lambda f: torch.save(outer, f))
+        _atomic_write(self._layer_path(name, kind), lambda f: torch.save(outer, f))

@@ -204,7 +204,7 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
     elif folded:
         fold_batchnorm(fp_model)
     try:
-        layers = execution_order(fp_model, samples[:2].to(device))
+        layers = execution_order(fp_model, samples[:2].to(device, copy=True))  # the model may change its input
     except Exception as exc:
         raise ValueError(f"calibration samples of shape {tuple(samples.shape[1:])} do not fit the model: {exc}") from exc
     if not layers:
@@ -228,7 +228,7 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
     index_of = {name: i for i, name in enumerate(layers)}
     for unit in _progress(_units(layers, blocks), config):
         if isinstance(unit, Block):
-            saved = ckpt.load(unit.name) if ckpt else None
+            saved = ckpt.load(unit.name, kind="block") if ckpt else None
             if saved is not None:
                 states = saved["state"]["layers"]
                 layer_reports = [LayerReport(**r) for r in saved["report"]["layers"]]
@@ -236,7 +236,8 @@ def quantize(model: nn.Module, calibration_data: CalibrationData, config: Option
                 with _errors_named(f"block {unit.name}"):
                     states, layer_reports = _quantize_block(caches, unit, fp_model, index_of, config)
                 if ckpt:
-                    ckpt.save(unit.name, {"layers": states}, {"layers": [r.to_dict() for r in layer_reports]})
+                    ckpt.save(unit.name, {"layers": states}, {"layers": [r.to_dict() for r in layer_reports]},
+                              kind="block")
         else:
             name = unit
             saved = ckpt.load(name) if ckpt else None
@@ -355,7 +356,7 @@ def _quantize_block(caches, block, fp_model, index_of, config):
     result = reconstruct_block(block_module(fp_model, block), members, inputs, targets, config,
                                seed=config.seed * 1000 + index_of[block.layers[0]], activation_bits=activation_bits,
                                progress=block.name if config.progress else None)
-    location = "pinned host" if inputs.device != caches.device else str(caches.device)
+    location = "pinned host" if inputs.device.type != caches.device.type else str(caches.device)
     states, reports = {}, []
     for member in members:
         codes = result.codes[member.name]
@@ -451,10 +452,11 @@ def _quantize_layer(caches, name, module, kind, bits, index, activations, config
             input_range = report.input_range = _quantize_inputs_(inputs, config)
         report.cache_seconds = time.perf_counter() - t_cache
         device = caches.device
-        report.cache_location = "pinned host" if inputs.device != device else str(device)
+        streamed = inputs.device.type != device.type  # CPU caches for a CUDA loop
+        report.cache_location = "pinned host" if streamed else str(device)
         log.info("layer %s: caches %s (%.1f MB)%s", name, report.cache_location,
                  (inputs.numel() + targets.numel()) * 4 / 2**20,
-                 ", streamed to the GPU per minibatch" if inputs.device != device else "")
+                 ", streamed to the GPU per minibatch" if streamed else "")
         t_opt = time.perf_counter()
         options = dict(config.loop_options(), batch_size=batch_size, activation=activation, seed=seed)
         result = optimize_layer(weight, module.bias, scale, zero_point, n, p, axis, inputs, targets,

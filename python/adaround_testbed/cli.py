@@ -102,6 +102,11 @@ def parse_args(argv=None):
     unknown = [s for s in args.settings.split(",") if s not in SETTINGS]
     if unknown:
         p.error(f"unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
+    for setting in args.settings.split(","):  # option combinations QuantConfig refuses, before any work
+        try:
+            QuantConfig(**_setting_options(args, setting)[1], progress=False)
+        except (ValueError, TypeError) as exc:
+            p.error(f"setting {setting}: {exc}")
     return args
 
 
@@ -112,6 +117,25 @@ def _device(args) -> str:
 def _equalize(choice: str, overrides: dict) -> bool:
     """Cross-layer equalization for a setting: per-tensor grids need it on depthwise models (MobileNetV2)."""
     return choice == "on" or (choice == "auto" and not overrides["per_channel"])
+
+
+def _setting_options(args, setting: str):
+    """(the table's label, the QuantConfig options) of one setting under the command line's flags."""
+    description, overrides = SETTINGS[setting]
+    if args.activation_bits != "setting":
+        overrides = dict(overrides, activation_bits=args.activation_bits)
+        description += f", activations {args.activation_bits or 'float'}"
+    options = dict(overrides, iterations=args.iterations, num_samples=args.samples, batch_size=args.batch_size,
+                   first_layer_bits=args.first_last_bits, last_layer_bits=args.first_last_bits,
+                   cuda_graph=args.cuda_graph, quantized_inputs=args.quantized_inputs,
+                   activation_range=args.activation_range, activation_percentile=args.activation_percentile,
+                   activation_placement=args.activation_placement,
+                   cross_layer_equalization=_equalize(args.cross_layer_equalization, overrides),
+                   reconstruction=args.reconstruction, activation_drop=args.activation_drop,
+                   learn_activation_steps=args.learn_activation_steps)
+    if options["cross_layer_equalization"]:
+        description += ", CLE"
+    return description + _reconstruction_label(args), options
 
 
 def _reconstruction_label(args) -> str:
@@ -198,22 +222,8 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     for setting in args.settings.split(","):
-        description, overrides = SETTINGS[setting]
-        if args.activation_bits != "setting":
-            overrides = dict(overrides, activation_bits=args.activation_bits)
-            description += f", activations {args.activation_bits or 'float'}"
-        common = dict(overrides, iterations=args.iterations, num_samples=args.samples, batch_size=args.batch_size,
-                      device=device, progress=not args.no_progress, first_layer_bits=args.first_last_bits,
-                      last_layer_bits=args.first_last_bits, cuda_graph=args.cuda_graph,
-                      quantized_inputs=args.quantized_inputs, activation_range=args.activation_range,
-                      activation_percentile=args.activation_percentile,
-                      activation_placement=args.activation_placement,
-                      cross_layer_equalization=_equalize(args.cross_layer_equalization, overrides),
-                      reconstruction=args.reconstruction, activation_drop=args.activation_drop,
-                      learn_activation_steps=args.learn_activation_steps)
-        if common["cross_layer_equalization"]:
-            description += ", CLE"
-        description += _reconstruction_label(args)
+        description, common = _setting_options(args, setting)
+        common = dict(common, device=device, progress=not args.no_progress)
         nearest_model = quantize(model, calib, QuantConfig(rounding="nearest", **common))
         nearest = testbed.evaluate(nearest_model, *test_set, device=device)
         accs, times = [], []

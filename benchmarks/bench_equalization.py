@@ -9,20 +9,13 @@ The FP32 checkpoint is runs/fashion_mnist_<arch>.pt (the main job trains and sav
 adaround-quantize-resnet --arch <arch>). Settings are the main job's (adaround_testbed/cli.py).
 """
 import argparse
-import os
-import statistics
 import time
 
-from common import ROOT, print_table
+from common import mean_spread, print_table, testbed_model_and_data
 
 from adaround_ext import QuantConfig, quantize  # noqa: E402
 from adaround_testbed import testbed  # noqa: E402
 from adaround_testbed.cli import SETTINGS  # noqa: E402
-
-
-def mean_spread(values):
-    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.2f}{spread}"
 
 
 def main():
@@ -36,10 +29,7 @@ def main():
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--eval-images", type=int, default=10000)
     args = p.parse_args()
-    path = args.checkpoint or os.path.join(ROOT, "runs", f"fashion_mnist_{args.arch}.pt")
-    model = testbed.load_network(args.arch, path)
-    calib, test = testbed.calibration_and_test(args.samples, args.eval_images)
-    fp32 = testbed.evaluate(model, *test)
+    model, calib, test, fp32 = testbed_model_and_data(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     plain_seeds = [int(s) for s in (args.plain_seeds or args.seeds).split(",")]
     rows = []

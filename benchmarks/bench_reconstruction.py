@@ -11,11 +11,10 @@ main job's (adaround_testbed/cli.py); per-tensor settings get cross-layer equali
 gives them.
 """
 import argparse
-import os
 import statistics
 import time
 
-from common import ROOT, print_table
+from common import mean_spread, print_table, testbed_model_and_data
 
 from adaround_ext import QuantConfig, quantize  # noqa: E402
 from adaround_testbed import testbed  # noqa: E402
@@ -27,11 +26,6 @@ RECONSTRUCTIONS = {
     "block": dict(reconstruction="block"),
     "block+QDrop+steps": dict(reconstruction="block", activation_drop=0.5, learn_activation_steps=True),
 }
-
-
-def mean_spread(values):
-    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.2f}{spread}"
 
 
 def main():
@@ -49,10 +43,7 @@ def main():
     p.add_argument("--first-last-bits", type=int, default=None,
                    help="bit width of the first and last layer (BRECQ and QDrop keep them at 8)")
     args = p.parse_args()
-    path = args.checkpoint or os.path.join(ROOT, "runs", f"fashion_mnist_{args.arch}.pt")
-    model = testbed.load_network(args.arch, path)
-    calib, test = testbed.calibration_and_test(args.samples, args.eval_images)
-    fp32 = testbed.evaluate(model, *test)
+    model, calib, test, fp32 = testbed_model_and_data(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     columns = args.columns.split(",")
     rows = []

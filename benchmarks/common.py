@@ -46,3 +46,20 @@ def print_table(header, rows):
     print(line.format(*header))
     for row in rows:
         print(line.format(*row))
+
+
+def mean_spread(values):
+    """"mean ± sample standard deviation" of accuracies (the mean alone for one value)."""
+    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.2f}{spread}"
+
+
+def testbed_model_and_data(args):
+    """(model, calibration images, (test images, labels), FP32 accuracy) for a benchmark's --arch,
+    --checkpoint (default runs/fashion_mnist_<arch>.pt), --samples and --eval-images."""
+    from adaround_testbed import testbed
+
+    path = args.checkpoint or os.path.join(ROOT, "runs", f"fashion_mnist_{args.arch}.pt")
+    model = testbed.load_network(args.arch, path)
+    calib, test = testbed.calibration_and_test(args.samples, args.eval_images)
+    return model, calib, test, testbed.evaluate(model, *test)

@@ -89,10 +89,10 @@ def find_blocks(model: nn.Module, graph: fx.Graph, layers: Sequence[str],
                 names: Optional[Sequence[str]] = None) -> List[Block]:
     """The blocks of the model, in execution order. `names`: the blocks' module names, each of which
     must form a block (else ValueError naming it). Without names: every torchvision BasicBlock,
-    Bottleneck and InvertedResidual, the innermost module around each residual addition, and, for an
-    addition in the top-level forward, the shortest span of the graph from where the residual forks to
-    the addition; a found
-    module that cannot be a block (e.g. it reads two outside values) leaves its layers to the layer walk."""
+    Bottleneck and InvertedResidual, the innermost module around each residual addition that forms a
+    block, and, for an addition in the top-level forward, the shortest span of the graph from where the
+    residual forks to the addition. A found module that cannot be a block (e.g. it reads two outside
+    values) leaves its layers to the layer walk."""
     nodes = list(graph.nodes)
     modules = dict(model.named_modules())
     layers = set(layers)
@@ -135,7 +135,6 @@ def find_blocks(model: nn.Module, graph: fx.Graph, layers: Sequence[str],
         # The finest blocks: a module that holds another block leaves it as its own block.
         blocks = [block for name, block in valid.items()
                   if not any(other.startswith(name + ".") for other in valid)]
-    if not user_given:
         blocks += _top_level_spans(nodes, blocks, layers)
     blocks.sort(key=lambda b: b.first)
     for a, b in zip(blocks, blocks[1:]):

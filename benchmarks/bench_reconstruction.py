@@ -25,7 +25,12 @@ RECONSTRUCTIONS = {
     "layer-wise": dict(reconstruction="layer"),
     "block": dict(reconstruction="block"),
     "block+QDrop+steps": dict(reconstruction="block", activation_drop=0.5, learn_activation_steps=True),
+    # The parts of the last one alone, and the layer-wise counterpart (not in the default columns):
+    "layer-wise+quantized-inputs": dict(reconstruction="layer", quantized_inputs=True),
+    "block+quantized-inputs": dict(reconstruction="block", quantized_inputs=True),
+    "block+QDrop": dict(reconstruction="block", activation_drop=0.5),
 }
+DEFAULT_COLUMNS = ("layer-wise", "block", "block+QDrop+steps")
 
 
 def main():
@@ -33,7 +38,7 @@ def main():
     p.add_argument("--arch", default="resnet18", choices=testbed.ARCHS)
     p.add_argument("--checkpoint", default=None, help="default runs/fashion_mnist_<arch>.pt")
     p.add_argument("--settings", default="w4a4,w2a4")
-    p.add_argument("--columns", default=",".join(RECONSTRUCTIONS), help=f"of {', '.join(RECONSTRUCTIONS)}")
+    p.add_argument("--columns", default=",".join(DEFAULT_COLUMNS), help=f"of {', '.join(RECONSTRUCTIONS)}")
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--seeds", default="0")
     p.add_argument("--samples", type=int, default=1024)

@@ -572,6 +572,71 @@ def test_a_block_ending_in_a_linear_over_tokens_averages_over_tokens():
         ((model(inputs) - targets) ** 2).sum().item() / (20 * 7))
 
 
+class TokenMLP(nn.Module):
+    """x + fc2(relu(fc1(x))) over tokens [N, T, C]: a transformer's MLP block."""
+
+    def __init__(self, c=6, hidden=10):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, hidden), nn.Linear(hidden, c)
+
+    def forward(self, x):
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+def test_a_linear_block_over_tokens_with_per_tensor_grids_equals_plain_pytorch():
+    torch.manual_seed(0)
+    model = nn.Sequential(TokenMLP()).double()
+    inputs = torch.randn(30, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        targets = model(inputs)
+    n, p = ae.quant_range(3)
+    layers = []
+    for name in ("0.fc1", "0.fc2"):
+        fc = model.get_submodule(name)
+        scale = fc.weight.detach().abs().max() / p * 0.9  # one scale per tensor
+        layers.append(BlockLayer(name, "linear", fc.weight.detach(), fc.bias.detach(), {}, scale, None, n, p, None))
+    block = find_blocks(model, trace(model), ["0.fc1", "0.fc2"])[0]
+    config = ae.QuantConfig(iterations=10, batch_size=4, warm_start=0.3)
+    result = reconstruct_block(block_module(model, block), layers, inputs, targets, config, seed=2)
+
+    vs = []
+    for layer in layers:
+        frac = layer.weight / layer.scale
+        vs.append(torch.logit((frac - torch.floor(frac) + 0.1) / 1.2).clone().requires_grad_())
+    adam = torch.optim.Adam(vs, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    rows_gen, warm_end = torch.Generator().manual_seed(2), config.warm_start * config.iterations
+    for t in range(config.iterations):
+        rows = torch.randint(len(inputs), (config.batch_size,), generator=rows_gen)
+        x, y = inputs[rows], targets[rows]
+        hs = [(torch.sigmoid(v) * 1.2 - 0.1).clamp(0, 1) for v in vs]
+        w1, w2 = (l.scale * torch.clamp(torch.floor(l.weight / l.scale) + h, n, p) for l, h in zip(layers, hs))
+        out = x + F.linear(F.relu(F.linear(x, w1, layers[0].bias)), w2, layers[1].bias)
+        loss = (out - y).pow(2).sum() / (config.batch_size * 5)  # summed over channels, averaged over tokens
+        if t >= int(warm_end):
+            progress = (t - warm_end) / (config.iterations - warm_end)
+            beta = config.beta_end + 0.5 * (config.beta_start - config.beta_end) * (1 + math.cos(math.pi * progress))
+            loss = loss + config.reg_lambda * sum((1 - (2 * h - 1).abs().pow(beta)).sum() for h in hs)
+        adam.zero_grad()
+        loss.backward()
+        adam.step()
+    for layer, v in zip(layers, vs):
+        torch.testing.assert_close(result.v[layer.name], v.detach(), rtol=1e-9, atol=1e-9)
+
+
+def test_block_mode_with_output_quantizers_and_per_tensor_grids(tmp_path):
+    """activation_placement="outputs" (quantizers on op outputs, calibrated afterwards) and per-tensor
+    grids work in block mode, and the model saves and loads."""
+    model, x = two_blocks(), images()
+    q = ae.quantize(model, x, block_config(activation_placement="outputs", per_channel=False))
+    assert [r.block for r in q.adaround_report.layers] == ["", "block1", "block1", "block2", "block2", ""]
+    assert q.adaround_report.activation_ranges  # the output quantizers were calibrated
+    assert all(q.get_submodule(r.name).axis is None for r in q.adaround_report.layers)
+    path = str(tmp_path / "q.pt")
+    ae.save_quantized(q, path)
+    with torch.no_grad():
+        assert torch.equal(ae.load_quantized(model, path)(x), q(x))
+
+
 @needs_cuda
 def test_block_reconstruction_on_cuda_matches_the_cpu():
     model, block, layers, inputs, targets = block_setup(dtype=torch.float32)

@@ -55,6 +55,13 @@ class _CacheWriter:
         self.inputs[start:start + len(x)].copy_(x, non_blocking=True)
         self.targets[start:start + len(y)].copy_(y, non_blocking=True)
 
+    def write_chunks(self, inputs, targets):
+        """Writes the samples' values chunk by chunk, in order from the first sample."""
+        start = 0
+        for x, y in zip(inputs, targets):
+            self.write(start, x, y)
+            start += len(x)
+
     def result(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the last device-to-host copies are done before the loop reads
@@ -216,10 +223,7 @@ class GraphWalkCaches:
             inputs = self.q.values[self.q.nodes[k].args[0]]
             self.fp.run_until(k)
             outputs = self.fp.step()  # the layer itself
-            start = 0
-            for x, y in zip(inputs, outputs):
-                writer.write(start, x, act(y))
-                start += len(x)
+            writer.write_chunks(inputs, [act(y) for y in outputs])
         return writer.result()
 
     def build_block(self, block):
@@ -234,11 +238,7 @@ class GraphWalkCaches:
             # walks share the placeholder's values, and one walk is both without asymmetric reconstruction).
             inputs = [x.clone() for x in self.q.values[self.q.nodes[block.input_index]]]
             self.fp.run_until(block.last + 1)
-            outputs = self.fp.values[self.fp.nodes[block.last]]
-            start = 0
-            for x, y in zip(inputs, outputs):
-                writer.write(start, x, y)
-                start += len(x)
+            writer.write_chunks(inputs, self.fp.values[self.fp.nodes[block.last]])
         return writer.result()
 
 

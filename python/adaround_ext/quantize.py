@@ -339,16 +339,14 @@ def _quantize_block(caches, block, fp_model, index_of, config):
     t_cache = time.perf_counter()
     inputs, targets = caches.build_block(block)
     cache_seconds = time.perf_counter() - t_cache
-    members = []
+    members, bits = [], {}
     for name in block.layers:
         module = fp_model.get_submodule(name)
         kind = layer_kind(module)
         weight = module.weight.detach()
-        if not torch.isfinite(weight).all():
-            raise ValueError(f"layer {name}: its weight holds NaN or Inf")
-        bits = config.layer_bits(index_of[name], len(index_of))
-        grid = init_weight_grid(weight, bits, config.per_channel, config.symmetric, config.scale_method,
-                                channel_axis=channel_axis(kind))
+        bits[name] = config.layer_bits(index_of[name], len(index_of))
+        with _errors_named(f"layer {name}"):
+            grid = _weight_grid(weight, kind, bits[name], config)
         bias = None if module.bias is None else module.bias.detach()
         members.append(BlockLayer(name, kind, weight, bias, geometry(module), *grid))
     activation_bits = config.activation_bits if config.activations_in_reconstruction else None
@@ -362,7 +360,7 @@ def _quantize_block(caches, block, fp_model, index_of, config):
         codes = result.codes[member.name]
         grid = result.input_grids.get(member.name)
         report = LayerReport(name=member.name, kind=member.kind, shape=tuple(member.weight.shape),
-                             bits=(member.quant_max - member.quant_min + 1).bit_length() - 1, loss_activation="none",
+                             bits=bits[member.name], loss_activation="none",
                              mode="block", block=block.name, nearest_error=result.nearest_error,
                              adaround_error=result.adaround_error,
                              undecided_fraction=result.undecided_fraction[member.name],
@@ -371,10 +369,8 @@ def _quantize_block(caches, block, fp_model, index_of, config):
                              input_range=None if grid is None else _grid_range(grid))
         report.rounded_up_fraction = _rounded_up_fraction(member.weight, codes, member.scale, member.zero_point,
                                                           member.axis)
-        states[member.name] = dict(codes=codes.cpu(), scale=member.scale.cpu(),
-                                   zero_point=None if member.zero_point is None else member.zero_point.cpu(),
-                                   quant_min=member.quant_min, quant_max=member.quant_max, axis=member.axis,
-                                   input_grid=grid)
+        states[member.name] = _finished_state(codes, member.scale, member.zero_point, member.quant_min,
+                                              member.quant_max, member.axis, input_grid=grid)
         reports.append(report)
     return states, reports
 
@@ -428,13 +424,24 @@ def _progress(units, config):
     return tqdm(units, desc=f"{config.rounding} W{config.weight_bits}", unit="unit")
 
 
+def _weight_grid(weight, kind, bits, config):
+    """(scale, zero_point, quant_min, quant_max, axis) of a layer's weight; an error if it is not finite."""
+    if not torch.isfinite(weight).all():
+        raise ValueError("its weight holds NaN or Inf")
+    return init_weight_grid(weight, bits, config.per_channel, config.symmetric, config.scale_method,
+                            channel_axis=channel_axis(kind))
+
+
+def _finished_state(codes, scale, zero_point, quant_min, quant_max, axis, **input_quantizer) -> dict:
+    """What a checkpoint keeps of a finished layer and _install builds its QuantizedLayer from."""
+    return dict(codes=codes.cpu(), scale=scale.cpu(), zero_point=None if zero_point is None else zero_point.cpu(),
+                quant_min=quant_min, quant_max=quant_max, axis=axis, **input_quantizer)
+
+
 def _quantize_layer(caches, name, module, kind, bits, index, activations, config):
     """One layer's codes, grid and report; errors name no layer (the caller adds it)."""
     weight = module.weight.detach()
-    if not torch.isfinite(weight).all():
-        raise ValueError("its weight holds NaN or Inf")
-    scale, zero_point, n, p, axis = init_weight_grid(weight, bits, config.per_channel, config.symmetric,
-                                                     config.scale_method, channel_axis=channel_axis(kind))
+    scale, zero_point, n, p, axis = _weight_grid(weight, kind, bits, config)
     activation = activations.get(name, "none") if config.loss_activation == "auto" else config.loss_activation
     report = LayerReport(name=name, kind=kind, shape=tuple(weight.shape), bits=bits, loss_activation=activation)
     seed = config.seed * 1000 + index
@@ -475,6 +482,4 @@ def _quantize_layer(caches, name, module, kind, bits, index, activations, config
         codes = hard_quantize(weight, scale, zero_point, n, p, axis, config.rounding, generator=gen)[0]
         report.mode = config.rounding
     report.rounded_up_fraction = _rounded_up_fraction(weight, codes, scale, zero_point, axis)
-    state = dict(codes=codes.cpu(), scale=scale.cpu(), zero_point=None if zero_point is None else zero_point.cpu(),
-                 quant_min=n, quant_max=p, axis=axis, input_range=input_range)
-    return state, report
+    return _finished_state(codes, scale, zero_point, n, p, axis, input_range=input_range), report

@@ -13,6 +13,7 @@
 #include "../loop/run_checks.h"
 #include "../optimize_options.h"
 #include "../progress.h"
+#include "../rounding_math.h"
 #include "../schedule.h"
 
 namespace {
@@ -108,6 +109,7 @@ PYBIND11_MODULE(_C, m) {
       "schedule_table", [](const pybind11::kwargs& given) { return adaround::schedule_table(read_optimize_options(given)); },
       "optimize_layer's per-iteration scalars for these options (schedule.h): float64 [iterations, 4]");
   m.attr("adam_constants") = pybind11::make_tuple(adaround::kAdamBeta1, adaround::kAdamBeta2, adaround::kAdamEps);
+  m.attr("saturated_v") = adaround::kSaturatedV;  // |V| at which h(V) is exactly 0 or 1 (rounding_math.h)
   m.def("set_cuda_emulation", &adaround::emulation::set_enabled,
         "routes the CPU ops to the host emulation of their CUDA kernels (csrc/device/emulation.h)");
   m.def("cuda_emulation", &adaround::emulation::enabled, "whether the CUDA kernels are being emulated on the CPU");

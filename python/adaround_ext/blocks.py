@@ -25,6 +25,7 @@ from . import _C
 from ._ops import hard_quantize, init_v, rectified_sigmoid, round_regularizer, soft_quantize
 from .activation_ranges import RangeObserver, activation_grid
 from .layer_kinds import LAYER_KINDS
+from .live_taps import live_window
 from .modules import set_submodule
 
 log = logging.getLogger("adaround_ext")
@@ -224,7 +225,9 @@ class ReconstructionQuantizer(nn.Module):
 
 class SoftLayer(nn.Module):
     """A Conv/Linear of the block computed with `weight` (set before each forward: the soft weight W~,
-    or hard weights to measure the error), after its input quantizer, if any."""
+    or hard weights to measure the error), after its input quantizer, if any. A convolution whose
+    kernel reaches past its input runs over its live taps only (live_taps.py): `weight` and
+    `geometry` are then those of the cropped convolution."""
 
     def __init__(self, kind: str, bias: Optional[torch.Tensor], geometry: dict):
         super().__init__()
@@ -238,7 +241,12 @@ class SoftLayer(nn.Module):
             self.observer.observe(x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        return LAYER_KINDS[self.kind].apply(x, self.weight, self.bias, **self.geometry)
+        weight = self.weight
+        if self.kind == "conv2d" and self.geometry["groups"] > 1 and x.is_cpu:
+            # oneDNN's grouped (depthwise) convolutions run several times faster on NHWC data.
+            x, weight = x.contiguous(memory_format=torch.channels_last), weight.contiguous(
+                memory_format=torch.channels_last)
+        return LAYER_KINDS[self.kind].apply(x, weight, self.bias, **self.geometry)
 
 
 @dataclass
@@ -269,12 +277,15 @@ class BlockResult:
 
 
 class _Rounding:
-    """V, Adam's moments, the soft weight and floor(W/s) + z of one layer, as the per-layer loop keeps them."""
+    """V, Adam's moments, the soft weight and floor(W/s) + z of one layer, as the per-layer loop keeps
+    them, over the layer's live taps (`index`; None: the whole weight)."""
 
-    def __init__(self, layer: BlockLayer):
+    def __init__(self, layer: BlockLayer, index=None):
         dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32  # the kernels' rule
-        w = layer.weight.detach().to(dtype).contiguous()
-        self.layer, self.weight = layer, w
+        self.layer, self.index = layer, index
+        self.full_weight = layer.weight.detach().to(dtype)
+        w = self.full_weight if index is None else self.full_weight[index]
+        self.weight = w = w.contiguous()
         self.zero_point = (torch.zeros_like(layer.scale) if layer.zero_point is None else layer.zero_point).to(dtype)
         self.scale = layer.scale.to(dtype)
         shape = [1] * w.dim()
@@ -294,10 +305,21 @@ class _Rounding:
             self.v, self.exp_avg, self.exp_avg_sq, self.soft, grad.contiguous(), self.grid_base, self.scale,
             self.zero_point, self.layer.quant_min, self.layer.quant_max, self.layer.axis, scalars, lr, *adam)
 
-    def hard(self):
-        """(codes, dequantized weight) of the learned rounding."""
-        return hard_quantize(self.weight, self.scale, self.zero_point, self.layer.quant_min,
-                             self.layer.quant_max, self.layer.axis, "adaptive", v=self.v)
+    def hard(self, v=None, weight=None):
+        """(codes, dequantized weight) of the learned rounding, over the live taps."""
+        return hard_quantize(self.weight if weight is None else weight, self.scale, self.zero_point,
+                             self.layer.quant_min, self.layer.quant_max, self.layer.axis, "adaptive",
+                             v=self.v if v is None else v)
+
+    def full_v(self):
+        """V of the whole weight: the learned V at the live taps; the dead taps, which never see data,
+        decided on the nearest side (ties up), as optimize_layer decides the columns it does not learn."""
+        if self.index is None:
+            return self.v
+        v = torch.full_like(self.full_weight, _C.saturated_v)
+        v.masked_fill_(init_v(self.full_weight, self.scale, self.layer.axis) < 0, -_C.saturated_v)
+        v[self.index] = self.v
+        return v
 
 
 def output_positions(output: torch.Tensor, channel_dim: int) -> int:
@@ -340,11 +362,15 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
     for name, cache in (("input", inputs), ("output", targets)):
         if not torch.isfinite(cache).all():
             raise ValueError(f"its cached {name} holds NaN or Inf (an earlier layer's output overflowed float32)")
-    states = {layer.name: _Rounding(layer) for layer in layers}
     soft_layers = {}
     for layer in layers:
         soft_layers[layer.name] = SoftLayer(layer.kind, layer.bias, layer.geometry)
         set_submodule(block_gm, layer.name, soft_layers[layer.name])
+    windows = _live_windows(block_gm, soft_layers, layers, inputs, device)
+    states = {layer.name: _Rounding(layer, windows[layer.name][0] if layer.name in windows else None)
+              for layer in layers}
+    for name, (_, geometry) in windows.items():
+        soft_layers[name].geometry = geometry
     _set_weights(soft_layers, {n: s.soft for n, s in states.items()})
     quantizers = {}
     if activation_bits is not None:
@@ -407,11 +433,13 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
     nearest_error = block_error(block_gm, inputs, targets, device, channel_dim)
     _set_weights(soft_layers, {name: h[1] for name, h in hard.items()})
     adaround_error = block_error(block_gm, inputs, targets, device, channel_dim)
-    undecided = {}
+    undecided, codes, v = {}, {}, {}
     for name, s in states.items():
-        h = rectified_sigmoid(s.v)
+        v[name] = s.full_v()
+        codes[name] = hard[name][0] if s.index is None else s.hard(v[name], s.full_weight)[0]
+        h = rectified_sigmoid(v[name])
         undecided[name] = ((h > 0) & (h < 1)).float().mean().item()
-    return BlockResult(codes={name: h[0] for name, h in hard.items()}, v={n: s.v for n, s in states.items()},
+    return BlockResult(codes=codes, v=v,
                        input_grids={name: q.grid() for name, q in quantizers.items()}, nearest_error=nearest_error,
                        adaround_error=adaround_error, undecided_fraction=undecided, loss_curve=curve,
                        seconds=time.perf_counter() - t0)
@@ -427,6 +455,29 @@ def _sampled_loss(loss, scalars, states, t) -> float:
     if not math.isfinite(value):
         raise ValueError(f"the block's reconstruction loss is not finite at iteration {t}")
     return value
+
+
+def _live_windows(block_gm, soft_layers, layers, inputs, device) -> dict:
+    """layer: (index of its live taps, geometry over them) for each convolution of the block whose
+    kernel reaches past its input (live_taps.py), found from the input shapes of one sample's pass."""
+    shapes = {name: set() for name in soft_layers}
+    hooks = [layer.register_forward_pre_hook(lambda module, args, name=name: shapes[name].add(tuple(args[0].shape)))
+             for name, layer in soft_layers.items()]
+    _set_weights(soft_layers, {layer.name: layer.weight for layer in layers})
+    try:
+        with torch.no_grad():
+            block_gm(inputs[:1].to(device, copy=True))  # a copy: a block may change its input in place
+    finally:
+        for hook in hooks:
+            hook.remove()
+    windows = {}
+    for layer in layers:
+        kind = LAYER_KINDS[layer.kind]
+        if kind.is_conv and not kind.transposed and len(shapes[layer.name]) == 1:  # one input shape
+            window = live_window(layer.weight.shape, next(iter(shapes[layer.name])), layer.geometry)
+            if window is not None:
+                windows[layer.name] = window
+    return windows
 
 
 def _set_weights(soft_layers, weights):

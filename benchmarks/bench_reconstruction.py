@@ -20,14 +20,17 @@ from adaround_ext import QuantConfig, quantize  # noqa: E402
 from adaround_testbed import testbed  # noqa: E402
 from adaround_testbed.cli import SETTINGS  # noqa: E402
 
-# column: the QuantConfig options of the reconstruction
+# column: the QuantConfig options of the reconstruction. The first three keep QuantConfig's default
+# quantized_inputs (on at 4-bit activations, off at 8); the others set it.
 RECONSTRUCTIONS = {
     "layer-wise": dict(reconstruction="layer"),
     "block": dict(reconstruction="block"),
     "block+QDrop+steps": dict(reconstruction="block", activation_drop=0.5, learn_activation_steps=True),
-    # The parts of the last one alone, and the layer-wise counterpart (not in the default columns):
+    # The parts of the last one alone, and each mode with quantized_inputs set (not in the default columns):
     "layer-wise+quantized-inputs": dict(reconstruction="layer", quantized_inputs=True),
     "block+quantized-inputs": dict(reconstruction="block", quantized_inputs=True),
+    "layer-wise+float-inputs": dict(reconstruction="layer", quantized_inputs=False),
+    "block+float-inputs": dict(reconstruction="block", quantized_inputs=False),
     "block+QDrop": dict(reconstruction="block", activation_drop=0.5),
 }
 DEFAULT_COLUMNS = ("layer-wise", "block", "block+QDrop+steps")

@@ -431,6 +431,7 @@ def test_resume_in_the_middle_of_a_block_gives_the_identical_model(tmp_path, mon
     (dict(reconstruction="block", activation_drop=math.nan), ValueError, "activation_drop must be finite"),
     (dict(reconstruction="block", activation_step_lr=0.0), ValueError, "activation_step_lr must be > 0"),
     (dict(reconstruction="block", blocks=[]), ValueError, "blocks must be a non-empty list"),
+    (dict(reconstruction="block", rounding="nearest"), ValueError, "reconstruction='block' .* needs rounding='adaround'"),
     (dict(reconstruction="block", blocks=["a", "a"]), ValueError, "blocks names a module twice"),
     (dict(reconstruction="block", blocks="block1"), TypeError, "QuantConfig.blocks must be tuple"),
     (dict(reconstruction="block", learn_activation_steps=True, activation_bits=None), ValueError,
@@ -459,7 +460,7 @@ def test_block_mode_needs_a_traceable_model():
 
 
 def test_cli_block_options():
-    from adaround_testbed.cli import SETTINGS, parse_args
+    from adaround_testbed.cli import SETTINGS, _setting_options, parse_args
 
     assert {"w4a4", "w2a4"} <= set(SETTINGS)
     args = parse_args(["--reconstruction", "block", "--activation-bits", "3", "--activation-drop", "0.5",
@@ -475,6 +476,12 @@ def test_cli_block_options():
             parse_args(bad)
     assert parse_args(["--activation-bits", "4"]).activation_bits == 4
     assert parse_args([]).activation_bits == "setting"
+    # --quantized-inputs / --no-quantized-inputs, else QuantConfig's default (on at 4-bit activations).
+    for flags, w4a4, w4a8 in (([], True, False), (["--quantized-inputs"], True, True),
+                              (["--no-quantized-inputs"], False, False)):
+        args = parse_args(flags)
+        assert [ae.QuantConfig(**_setting_options(args, s)[1]).inputs_quantized for s in ("w4a4", "w4a8")] == [
+            w4a4, w4a8], flags
     for bad in ("9", "four"):
         with pytest.raises(SystemExit):
             parse_args(["--activation-bits", bad])

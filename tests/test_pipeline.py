@@ -76,11 +76,14 @@ def test_w4a8_stays_close_to_fp32(trained, data, fp32_accuracy):
     assert all(m.codes.dtype == torch.int8 and m.codes.min() >= -8 and m.codes.max() <= 7 for m in layers)
 
 
-@pytest.mark.parametrize("quantized_inputs", [True, False])
-def test_adaround_sees_the_inputs_the_quantized_model_feeds_each_layer(trained, data, monkeypatch, quantized_inputs):
+@pytest.mark.parametrize("quantized_inputs, bits", [(True, 8), (False, 8), (None, 8), (None, 4), (False, 4)])
+def test_adaround_sees_the_inputs_the_quantized_model_feeds_each_layer(trained, data, monkeypatch, quantized_inputs,
+                                                                       bits):
     """With quantized_inputs, each layer's cached x^ is its input in the final model put through the
-    layer's 8-bit quantizer, whose range is that input's min/max; without, x^ is the float input of
-    the final model with every input quantizer off (they are calibrated afterwards)."""
+    layer's quantizer, whose range is that input's min/max; without, x^ is the float input of the
+    final model with every input quantizer off (they are calibrated afterwards). The default (None)
+    quantizes them at 4-bit activations, not at 8."""
+    quantized = quantized_inputs if quantized_inputs is not None else bits <= 4
     pipeline = importlib.import_module("adaround_ext.quantize")  # the module, not the function of that name
     original, seen = pipeline.optimize_layer, {}
 
@@ -90,11 +93,11 @@ def test_adaround_sees_the_inputs_the_quantized_model_feeds_each_layer(trained, 
 
     monkeypatch.setattr(pipeline, "optimize_layer", recording)
     config = ae.QuantConfig(**dict(FAST, iterations=20, num_samples=64), quantized_inputs=quantized_inputs,
-                            activation_range="minmax")
+                            activation_bits=bits, activation_range="minmax")
     q = ae.quantize(trained, data["calib"], config)
     layers = [(n, m) for n, m in q.named_modules() if isinstance(m, ae.QuantizedLayer)]
     quantizers = {n: m.input_quantizer for n, m in layers}
-    if not quantized_inputs:
+    if not quantized:
         for _, m in layers:
             m.input_quantizer = None
     raw = {}
@@ -107,10 +110,10 @@ def test_adaround_sees_the_inputs_the_quantized_model_feeds_each_layer(trained, 
     assert len(seen) == len(layers) == 21
     for i, name in enumerate(order):
         x, quantizer = raw[name], quantizers[name]
-        expected = ae.ActivationQuantizer(*init_activation_grid(x.min().item(), x.max().item(), 8))
+        expected = ae.ActivationQuantizer(*init_activation_grid(x.min().item(), x.max().item(), bits))
         assert quantizer.scale.item() == pytest.approx(expected.scale.item(), rel=1e-6), name
         assert quantizer.zero_point.item() == expected.zero_point.item(), name
-        torch.testing.assert_close(seen[i], quantizer(x) if quantized_inputs else x, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(seen[i], quantizer(x) if quantized else x, rtol=0, atol=0, msg=name)
 
 
 def test_original_model_untouched(trained, data):

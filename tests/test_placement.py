@@ -128,6 +128,8 @@ def test_bad_placement_is_named():
         ae.QuantConfig(activation_placement="edges")
     with pytest.raises(ValueError, match="quantized_inputs.*activation_placement='inputs'"):
         ae.QuantConfig(activation_placement="outputs", quantized_inputs=True)
+    # The default quantizes inputs at 4-bit activations only where input quantizers exist.
+    assert not ae.QuantConfig(activation_placement="outputs", activation_bits=4).inputs_quantized
 
     class Untraceable(nn.Module):
         def __init__(self):

@@ -27,6 +27,8 @@ def _loop_defaults() -> dict:
 
 
 LOOP_DEFAULTS = _loop_defaults()
+# quantized_inputs=None turns it on up to this activation bit width.
+QUANTIZED_INPUTS_MAX_BITS = 4
 # The QuantConfig fields that are optimize_layer options of the same name: their defaults come from
 # the op, and the op's own check validates them (each layer's activation and seed are set per layer).
 LOOP_FIELDS = ("iterations", "batch_size", "lr", "reg_lambda", "beta_start", "beta_end", "warm_start", "schedule",
@@ -58,9 +60,11 @@ class QuantConfig:
     # With activation_bits and asymmetric reconstruction: each layer's x^ passes through the layer's own
     # input quantizer, calibrated on x^ when the walk reaches the layer, so AdaRound learns against the
     # inputs the quantized model will feed it (docs/algorithm.md#asymmetric-reconstruction).
-    # Off by default: activations stay in float during AdaRound and are calibrated afterwards, as
-    # AIMET does, which scored higher at W4A8 on the testbed (benchmarks/results/2026-12-01-readme-history.md).
-    quantized_inputs: bool = False
+    # None (the default): on at activation_bits <= 4, off above. Off, activations stay in float during
+    # AdaRound and are calibrated afterwards, as AIMET does, which scored higher at W4A8 on the testbed
+    # (benchmarks/results/2026-12-01-readme-history.md); at 4-bit activations learning against them
+    # scored higher, in both reconstruction modes (benchmarks/README.md, block reconstruction).
+    quantized_inputs: Optional[bool] = None
     # How each activation quantizer's range is calibrated (activation_ranges.py): "minmax" (the observed
     # range), "mse" (the clipping with the least quantization error) or "percentile", the default: within
     # 0.1 point of min/max or above it on the testbed's resnet18 and mobilenet_v2, and 3-5 points above
@@ -120,7 +124,7 @@ class QuantConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if not 50 < self.activation_percentile <= 100:
             raise ValueError(f"activation_percentile must be in (50, 100], got {self.activation_percentile}")
-        if self.activation_placement == "outputs" and self.quantized_inputs:
+        if self.activation_placement == "outputs" and self.quantized_inputs is True:
             raise ValueError("quantized_inputs calibrates each layer's input quantizer during the walk; it needs "
                              "activation_placement='inputs'")
         self._validate_block_options()
@@ -133,6 +137,9 @@ class QuantConfig:
             raise ValueError(f"activation_drop must be in [0, 1], got {self.activation_drop}")
         if not self.activation_step_lr > 0:
             raise ValueError(f"activation_step_lr must be > 0, got {self.activation_step_lr}")
+        if self.reconstruction == "block" and self.rounding != "adaround":
+            raise ValueError(f"reconstruction='block' learns each block's rounding; it needs rounding='adaround' "
+                             f"(got {self.rounding!r})")
         block_only = dict(blocks=self.blocks is not None, activation_drop=self.activation_drop > 0,
                           learn_activation_steps=self.learn_activation_steps)
         for name, given in block_only.items():
@@ -159,8 +166,17 @@ class QuantConfig:
         (on x^ during the walk) rather than calibrated afterwards with the whole model."""
         if self.rounding != "adaround" or self.activation_bits is None or not self.asymmetric_reconstruction:
             return False
-        return self.quantized_inputs or (self.reconstruction == "block" and (
+        return self.inputs_quantized or (self.reconstruction == "block" and (
             self.activation_drop > 0 or self.learn_activation_steps))
+
+    @property
+    def inputs_quantized(self) -> bool:
+        """quantized_inputs, its default (None) resolved: on for activation_bits <= 4 where input
+        quantizers exist (activation_placement='inputs')."""
+        if self.quantized_inputs is not None:
+            return self.quantized_inputs
+        return (self.activation_bits is not None and self.activation_bits <= QUANTIZED_INPUTS_MAX_BITS
+                and self.activation_placement == "inputs")
 
     def loop_options(self) -> dict:
         """The optimize_layer options this configuration sets, by the op's names."""

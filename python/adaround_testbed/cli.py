@@ -67,9 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=4, help="image decoding processes for --data")
     p.add_argument("--eval-images", type=int, default=None,
                    help="evaluate on N test images (Fashion-MNIST: the first N; --data: a fixed random spread)")
-    p.add_argument("--quantized-inputs", action="store_true",
-                   help="each layer learns its rounding against its quantized inputs; default: activations "
-                        "stay in float during AdaRound and are calibrated afterwards (AIMET's way)")
+    p.add_argument("--quantized-inputs", action=argparse.BooleanOptionalAction, default=None,
+                   help="each layer learns its rounding against its quantized inputs; --no-quantized-inputs: "
+                        "activations stay in float during AdaRound and are calibrated afterwards (AIMET's way); "
+                        "default: quantized at activation bits <= 4")
     p.add_argument("--activation-range", default=QuantConfig.activation_range, choices=ACTIVATION_RANGES,
                    help="how activation ranges are calibrated: minmax, mse (least quantization error) or percentile")
     p.add_argument("--activation-placement", default=QuantConfig.activation_placement, choices=ACTIVATION_PLACEMENTS,
@@ -224,7 +225,8 @@ def main(argv=None):
     for setting in args.settings.split(","):
         description, common = _setting_options(args, setting)
         common = dict(common, device=device, progress=not args.no_progress)
-        nearest_model = quantize(model, calib, QuantConfig(rounding="nearest", **common))
+        baseline = dict(common, reconstruction="layer", activation_drop=0.0, learn_activation_steps=False)
+        nearest_model = quantize(model, calib, QuantConfig(rounding="nearest", **baseline))
         nearest = testbed.evaluate(nearest_model, *test_set, device=device)
         accs, times = [], []
         for seed in seeds:

@@ -1,7 +1,7 @@
 """Activation range methods (QuantConfig.activation_range) on a testbed checkpoint: the weights are
-rounded once per setting (nearest and AdaRound; with activations in float during AdaRound, the
-default, the rounding does not depend on the method), then each method calibrates the activation
-quantizers of a copy and the copy is evaluated.
+rounded once per setting (nearest and AdaRound, with activations in float during AdaRound, so that
+the rounding does not depend on the method), then each method calibrates the activation quantizers
+of a copy and the copy is evaluated.
 
     PYTHONPATH=python .venv/bin/python benchmarks/bench_activation_ranges.py --arch resnet50 \
         --checkpoint runs/fashion_mnist_resnet50_1epoch_20k.pt --settings w8a8,w4a8 --iterations 1000 \
@@ -40,7 +40,7 @@ def main():
     for setting in args.settings.split(","):
         _, overrides = SETTINGS[setting]
         common = dict(overrides, iterations=args.iterations, num_samples=args.samples, device="cpu", progress=False,
-                      activation_placement=args.placement, seed=args.seed)
+                      activation_placement=args.placement, seed=args.seed, quantized_inputs=False)
         rounded = {}
         for rounding in ("nearest", "adaround"):
             start = time.perf_counter()

@@ -225,3 +225,32 @@ def test_iteration_graph_of_the_emulation():
         graph.replay()
         graph.replay()
     assert x.tolist() == [2.0] * 3
+
+
+@pytest.mark.parametrize("size", [8, 1])
+def test_block_reconstruction_through_the_emulated_kernels(monkeypatch, size):
+    """The block loop's device form: its rounding steps (the scheduled fused step, fed the schedule
+    table's rows), soft weights and hard rounding run the CUDA kernels' code, emulated, and learn
+    what the CPU kernels learn (float64: the same formulas, summed in other orders); on 1x1 maps
+    over the live taps only."""
+    from test_blocks import block_setup
+
+    from adaround_ext import blocks
+
+    model, block, layers, inputs, targets = block_setup(size=size)
+    config = ae.QuantConfig(iterations=30, batch_size=8, warm_start=0.2, quantized_inputs=True, activation_bits=4)
+    emulated_steps = []
+    step = blocks._Rounding.step
+    monkeypatch.setattr(blocks._Rounding, "step", lambda self, *a: emulated_steps.append(_C.cuda_emulation())
+                        or step(self, *a))
+
+    def run():
+        return blocks.reconstruct_block(blocks.block_module(model, block), layers, inputs, targets, config, seed=3,
+                                        activation_bits=4)
+
+    cpu, emulated = both(run)
+    assert emulated_steps == [False] * 60 + [True] * 60
+    for name in cpu.v:
+        torch.testing.assert_close(emulated.v[name], cpu.v[name], rtol=1e-9, atol=1e-9)
+        assert torch.equal(emulated.codes[name], cpu.codes[name])
+    assert emulated.adaround_error == pytest.approx(cpu.adaround_error, rel=1e-12)

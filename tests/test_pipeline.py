@@ -312,6 +312,11 @@ def test_checkpoint_directories_are_named_per_configuration():
     assert config_tag(base) == config_tag(ae.QuantConfig(progress=False, device="cpu", cuda_graph=True))
     for change in (dict(quantized_inputs=True), dict(seed=1), dict(iterations=10), dict(num_samples=512)):
         assert config_tag(ae.QuantConfig(**change)) != config_tag(base), change
+    # A default that resolves by other fields names the directory of its resolved value.
+    assert config_tag(ae.QuantConfig(quantized_inputs=False)) == config_tag(base)
+    a4 = ae.QuantConfig(activation_bits=4)
+    assert config_tag(a4) == config_tag(ae.QuantConfig(activation_bits=4, quantized_inputs=True))
+    assert config_tag(a4) != config_tag(ae.QuantConfig(activation_bits=4, quantized_inputs=False))
 
 
 def test_load_into_a_mismatched_model(w3_results, tmp_path):

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import _C
-from ._ops import hard_quantize, init_v, rectified_sigmoid, round_regularizer, soft_quantize
+from ._ops import _compute_dtype, hard_quantize, init_v, rectified_sigmoid, round_regularizer, soft_quantize
 from .activation_ranges import RangeObserver, activation_grid
 from .layer_kinds import LAYER_KINDS
 from .live_taps import live_window
@@ -243,7 +243,8 @@ class SoftLayer(nn.Module):
             x = self.input_quantizer(x)
         weight = self.weight
         if self.kind == "conv2d" and self.geometry["groups"] > 1 and x.is_cpu:
-            # oneDNN's grouped (depthwise) convolutions run several times faster on NHWC data.
+            # oneDNN's grouped (depthwise) convolutions run several times faster on NHWC data (the
+            # output stays NHWC, so the layers after it run on NHWC too).
             x, weight = x.contiguous(memory_format=torch.channels_last), weight.contiguous(
                 memory_format=torch.channels_last)
         return LAYER_KINDS[self.kind].apply(x, weight, self.bias, **self.geometry)
@@ -281,8 +282,8 @@ class _Rounding:
     them, over the layer's live taps (`index`; None: the whole weight)."""
 
     def __init__(self, layer: BlockLayer, index=None):
-        dtype = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32  # the kernels' rule
         self.layer, self.index = layer, index
+        dtype = _compute_dtype(layer.weight.dtype)
         self.full_weight = layer.weight.detach().to(dtype)
         w = self.full_weight if index is None else self.full_weight[index]
         self.weight = w = w.contiguous()
@@ -313,7 +314,8 @@ class _Rounding:
 
     def full_v(self):
         """V of the whole weight: the learned V at the live taps; the dead taps, which never see data,
-        decided on the nearest side (ties up), as optimize_layer decides the columns it does not learn."""
+        decided on the nearest side (ties up), as optimize_layer's unfolded CPU path decides the columns
+        it does not learn (its other paths let the regulariser alone decide them, to the same codes)."""
         if self.index is None:
             return self.v
         v = torch.full_like(self.full_weight, _C.saturated_v)
@@ -463,7 +465,7 @@ def _live_windows(block_gm, soft_layers, layers, inputs, device) -> dict:
     shapes = {name: set() for name in soft_layers}
     hooks = [layer.register_forward_pre_hook(lambda module, args, name=name: shapes[name].add(tuple(args[0].shape)))
              for name, layer in soft_layers.items()]
-    _set_weights(soft_layers, {layer.name: layer.weight for layer in layers})
+    _set_weights(soft_layers, {layer.name: layer.weight.to(_compute_dtype(layer.weight.dtype)) for layer in layers})
     try:
         with torch.no_grad():
             block_gm(inputs[:1].to(device, copy=True))  # a copy: a block may change its input in place

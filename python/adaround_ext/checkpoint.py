@@ -32,8 +32,13 @@ def _atomic_write(path: str, write) -> None:
 
 
 def _result_settings(config) -> bytes:
-    # Settings that cannot change the result stay out: a run resumes with or without them.
+    # Settings that cannot change the result stay out: a run resumes with or without them. Defaults
+    # that resolve by other fields are hashed resolved (quantized_inputs=None is True or False).
     settings = {k: v for k, v in config.to_dict().items() if k not in ("progress", "device", "cuda_graph")}
+    settings["quantized_inputs"] = config.inputs_quantized
+    if config.reconstruction == "block":
+        # Blocks saved before convolutions learned only their live taps (live_taps.py) do not resume.
+        settings["block_taps"] = "live"
     return json.dumps(settings, sort_keys=True).encode()
 
 

@@ -60,10 +60,11 @@ class QuantConfig:
     # With activation_bits and asymmetric reconstruction: each layer's x^ passes through the layer's own
     # input quantizer, calibrated on x^ when the walk reaches the layer, so AdaRound learns against the
     # inputs the quantized model will feed it (docs/algorithm.md#asymmetric-reconstruction).
-    # None (the default): on at activation_bits <= 4, off above. Off, activations stay in float during
-    # AdaRound and are calibrated afterwards, as AIMET does, which scored higher at W4A8 on the testbed
+    # None (the default): on at activation_bits <= 4 with input quantizers (activation_placement
+    # "inputs"), off otherwise. Off, activations stay in float during AdaRound and are calibrated
+    # afterwards, as AIMET does, which scored higher at W4A8 on the testbed
     # (benchmarks/results/2026-12-01-readme-history.md); at 4-bit activations learning against them
-    # scored higher, in both reconstruction modes (benchmarks/README.md, block reconstruction).
+    # scored up to 4 points higher layer-wise and 6 in block mode (benchmarks/README.md).
     quantized_inputs: Optional[bool] = None
     # How each activation quantizer's range is calibrated (activation_ranges.py): "minmax" (the observed
     # range), "mse" (the clipping with the least quantization error) or "percentile", the default: within

@@ -13,7 +13,9 @@ from typing import Optional, Sequence, Tuple
 
 def live_tap_range(size: int, kernel: int, stride: int, padding: int, dilation: int) -> Tuple[int, int]:
     """(first, last) tap along one spatial dimension that reads an input element (not padding) for
-    some output position."""
+    some output position (the whole kernel where none does: every output reads padding only). Taps
+    between them are kept even if dead (possible where the stride exceeds the map), so that the
+    cropped kernel is a slice."""
     outputs = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
     live = [tap for tap in range(kernel)
             if any(0 <= o * stride - padding + tap * dilation < size for o in range(outputs))]

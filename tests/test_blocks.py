@@ -654,8 +654,11 @@ def test_block_mode_with_output_quantizers_and_per_tensor_grids(tmp_path):
 
 
 @needs_cuda
-def test_block_reconstruction_on_cuda_matches_the_cpu():
-    model, block, layers, inputs, targets = block_setup(dtype=torch.float32)
+@pytest.mark.parametrize("size", [8, 1])
+def test_block_reconstruction_on_cuda_matches_the_cpu(size):
+    """The block loop on CUDA tensors (cuDNN, the CUDA step kernel; on 1x1 maps the live taps) learns
+    what it learns on the CPU."""
+    model, block, layers, inputs, targets = block_setup(dtype=torch.float32, size=size)
     config = ae.QuantConfig(iterations=20, batch_size=8, reconstruction="block", quantized_inputs=True,
                             activation_bits=4)
     cpu = reconstruct_block(block_module(model, block), layers, inputs, targets, config, seed=1, activation_bits=4)

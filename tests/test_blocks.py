@@ -670,3 +670,14 @@ def test_block_reconstruction_on_cuda_matches_the_cpu(size):
                             seed=1, activation_bits=4)
     for name in cpu.v:
         torch.testing.assert_close(gpu.v[name].cpu(), cpu.v[name], rtol=1e-4, atol=1e-4)
+
+
+def test_half_precision_weights_are_learned_in_float32():
+    """Was: the shape pass ran the block with the raw float16 weights on float32 inputs and failed;
+    the rounding itself is learned in float32, as the per-layer loop learns it."""
+    model, block, layers, inputs, targets = block_setup(dtype=torch.float32)
+    half = [BlockLayer(l.name, l.kind, l.weight.half(), l.bias, l.geometry, l.scale, None, l.quant_min,
+                       l.quant_max, l.axis) for l in layers]
+    config = ae.QuantConfig(iterations=5, batch_size=8)
+    result = reconstruct_block(block_module(model, block), half, inputs, targets, config, seed=0)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in result.v.values())

@@ -23,9 +23,6 @@ namespace {
 
 using at::Tensor;
 
-// Iterations between checks for weights to pack out of the step (ActiveWeights::repack).
-constexpr int64_t kRepackEvery = 200;
-
 // The learned rounding variables shaped like the weight: transposed back where the loop learned them
 // with axes 0 and 1 swapped, and with the columns the path did not learn (they never see data, so
 // their reconstruction gradient is 0) decided on the nearest side (ties up).
@@ -126,7 +123,7 @@ OptimizeResult optimize_layer(const Tensor& weight, const std::optional<Tensor>&
   if (opt.on_progress) opt.on_progress(0, opt.iterations);
   for (int64_t t = 0; t < opt.iterations; ++t) {
     const bool log_now = t % log_every == 0;
-    if (t > 0 && t % kRepackEvery == 0) state.repack();
+    if (t > 0 && t % ActiveWeights::kRepackEvery == 0) state.repack();
     if (device_schedule && !path->full_data()) device_schedule->draw_rows(t, gen);
     if (graph && !log_now && !captured) {
       // The captured iteration takes everything that changes from memory; it is given no real t, so

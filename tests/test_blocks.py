@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import adaround_ext as ae
 from adaround_ext import blocks as blocks_mod
+from adaround_ext import _C
 from adaround_ext._ops import optimize_layer
 from adaround_ext.activation_ranges import activation_grid
 from adaround_ext.encodings import export_encodings
@@ -327,6 +328,42 @@ def test_a_one_layer_block_learns_what_the_per_layer_loop_learns(size, stride, g
                           stride=(stride,) * 2, padding=(1, 1), groups=groups, seed=5, **config.loop_options())
     torch.testing.assert_close(result.v["0"], loop.v, rtol=1e-6, atol=1e-6)  # float64 sums in other orders
     assert torch.equal(result.codes["0"], loop.codes)
+
+
+@pytest.mark.parametrize("size", [6, 1])
+def test_a_one_layer_block_packs_decided_weights_out_as_the_per_layer_loop_does(monkeypatch, size):
+    """Past the first repacks the per-layer loop steps only the weights whose rounding is decided; the
+    frozen V stop where they were packed out, where the full step would have moved them on outward.
+    The block packs the same weights at the same iterations, so V itself (not only h(V)) matches."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 8, 3, padding=1).double()
+    inputs = torch.randn(40, 4, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        targets = conv(inputs) + 0.05 * torch.randn_like(conv(inputs))
+    n, p = ae.quant_range(4)
+    scale = conv.weight.detach().abs().amax(dim=(1, 2, 3)) / p
+    geometry = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+    layer = BlockLayer("0", "conv2d", conv.weight.detach(), conv.bias.detach(), geometry, scale, None, n, p, 0)
+    model = nn.Sequential(conv)
+    block = find_blocks(model, trace(model), ["0"], ["0"])[0]
+    config = ae.QuantConfig(iterations=5 * _C.RoundingState.repack_every, batch_size=8, mode="minibatch",
+                            warm_start=0.1)
+    run = lambda: reconstruct_block(block_module(model, block), [layer], inputs, targets, config, seed=2)  # noqa: E731
+    loop = optimize_layer(conv.weight.detach(), conv.bias.detach(), scale, None, n, p, 0, inputs, targets,
+                          padding=(1, 1), seed=2, **config.loop_options())
+    fractions = []
+    original_step = blocks_mod._Rounding.step
+    monkeypatch.setattr(blocks_mod._Rounding, "step", lambda self, *a: fractions.append(
+        self.state.active_fraction) or original_step(self, *a))
+    packed = run()
+    torch.testing.assert_close(packed.v["0"], loop.v, rtol=1e-6, atol=1e-6)  # float64 sums in other orders
+    assert fractions[-1] < 0.9  # the last steps skipped a tenth of the weights or more
+    original_init = blocks_mod._Rounding.__init__
+    monkeypatch.setattr(blocks_mod._Rounding, "__init__", lambda self, layer, index=None, pack=True:
+                        original_init(self, layer, index, pack=False))
+    unpacked = run()
+    assert torch.equal(unpacked.codes["0"], packed.codes["0"])  # the same rounding decided
+    assert not torch.allclose(unpacked.v["0"], loop.v, rtol=1e-3, atol=1e-3)  # V moved on outward
 
 
 # ---- through quantize() ------------------------------------------------------------------------

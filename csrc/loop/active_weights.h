@@ -1,5 +1,5 @@
-// The rounding state of one layer inside optimize_layer (V, Adam moments, W~), stepped by
-// adam_rounding_step_. On the CPU, weights whose rounding can no longer change are packed out of the
+// The rounding state of one layer (V, Adam moments, W~), stepped by adam_rounding_step_: inside
+// optimize_layer, and for each layer of a block in block reconstruction (adaround_ext._C.RoundingState). On the CPU, weights whose rounding can no longer change are packed out of the
 // step: V saturated (h(V) exactly 0 or 1, so the gradient is exactly 0) with Adam's momentum pointing
 // further out. Such a V only moves outward from then on, so h(V), W~ and every other weight's
 // trajectory are exactly what the full step gives; only the frozen V stop drifting.
@@ -16,6 +16,9 @@ namespace adaround {
 
 class ActiveWeights {
  public:
+  // Iterations between calls to repack in the loops that use it (optimize_layer, block reconstruction).
+  static constexpr int64_t kRepackEvery = 200;
+
   // `weight` is the layer's weight in the compute dtype; `pack` allows packing (CPU only).
   ActiveWeights(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero_point, int64_t qmin,
                 int64_t qmax, std::optional<int64_t> axis, bool pack);
@@ -44,6 +47,9 @@ class ActiveWeights {
 
   // Share of the weights still stepped.
   double active_fraction() const;
+
+  // Whether repack may pack (the CPU, with the channels outermost); step_scheduled is for the others.
+  bool can_pack() const { return can_pack_; }
 
  private:
   static constexpr double kMinShrink = 0.1;

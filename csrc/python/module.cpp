@@ -10,6 +10,8 @@
 #include "../device/emulation.h"
 #include "../grid.h"
 #include "../iteration_graph.h"
+#include "../loop/active_weights.h"
+#include "../loop/execution_path.h"
 #include "../loop/run_checks.h"
 #include "../optimize_options.h"
 #include "../progress.h"
@@ -113,6 +115,34 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cuda_emulation", &adaround::emulation::set_enabled,
         "routes the CPU ops to the host emulation of their CUDA kernels (csrc/device/emulation.h)");
   m.def("cuda_emulation", &adaround::emulation::enabled, "whether the CUDA kernels are being emulated on the CPU");
+
+  // The per-layer loop's rounding state, for block reconstruction (python/adaround_ext/blocks.py):
+  // each layer of a block keeps V, the Adam moments and W~ as optimize_layer does, frozen weights
+  // packed out of the step on the CPU included.
+  using adaround::ActiveWeights;
+  pybind11::class_<ActiveWeights>(m, "RoundingState")
+      .def(pybind11::init([](const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& zero_point,
+                             int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, bool pack) {
+             // Packing runs where optimize_layer's CPU paths run (not under the CUDA emulation).
+             return ActiveWeights(weight, scale, zero_point, quant_min, quant_max, axis,
+                                  pack && adaround::loop::cpu_paths_allowed(weight));
+           }),
+           pybind11::arg("weight"), pybind11::arg("scale"), pybind11::arg("zero_point"), pybind11::arg("quant_min"),
+           pybind11::arg("quant_max"), pybind11::arg("axis"), pybind11::arg("pack"),
+           "V initialised so that h(V) is the fractional part of weight/scale, zero moments, W~ of that V; "
+           "`weight` in the kernels' compute dtype, its channels (axis 0 or none) outermost to pack")
+      .def_property_readonly("soft_weight", &ActiveWeights::soft_weight, "W~ (updated in place by each step)")
+      .def_property_readonly("v", &ActiveWeights::v, "V of every weight (frozen ones as they were packed out)")
+      .def_property_readonly("active_fraction", &ActiveWeights::active_fraction, "share of the weights stepped")
+      .def_property_readonly("can_pack", &ActiveWeights::can_pack, "whether repack may pack weights out")
+      .def("step", &ActiveWeights::step, "one Adam step (step counts from 1) from dL/dW~")
+      .def("step_scheduled", &ActiveWeights::step_scheduled,
+           "the step with reg_lambda, beta and the bias corrections read from a schedule_table row on the "
+           "weights' device (never packed)")
+      .def("regularizer", &ActiveWeights::regularizer, "the regulariser's sum over all weights (0-dim tensor)")
+      .def("repack", &ActiveWeights::repack, "packs the frozen weights out of the step (host sync)")
+      .def_property_readonly_static("repack_every", [](const pybind11::object&) { return ActiveWeights::kRepackEvery; },
+                                    "iterations between repacks in optimize_layer's loop");
 
   // optimize_layer's iteration graph, for tests of capture and its fallback. While one exists the
   // thread's current CUDA stream is the side stream its iterations run on.

@@ -4,8 +4,9 @@ activation quantizers in the loop: QDrop (each element keeps its float value wit
 activation_drop) and step sizes learned with the LSQ gradient.
 
 The block runs as a torch.fx GraphModule cut out of the model's traced graph, with each layer replaced
-by a SoftLayer, under PyTorch autograd; each layer's V then takes the same fused rounding step as the
-per-layer loop (torch.ops.adaround.adam_rounding_step_scheduled_, with the loop's schedule table).
+by a SoftLayer, under PyTorch autograd; each layer's rounding state is the per-layer loop's own
+(_C.RoundingState, C++ ActiveWeights), stepped by the same fused step from the loop's schedule table,
+with the weights whose rounding is decided packed out of the step on the CPU as there.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import _C
-from ._ops import _compute_dtype, hard_quantize, init_v, rectified_sigmoid, round_regularizer, soft_quantize
+from ._ops import _compute_dtype, hard_quantize, init_v, rectified_sigmoid
 from .activation_ranges import RangeObserver, activation_grid
 from .layer_kinds import LAYER_KINDS
 from .live_taps import live_window
@@ -278,10 +279,11 @@ class BlockResult:
 
 
 class _Rounding:
-    """V, Adam's moments, the soft weight and floor(W/s) + z of one layer, as the per-layer loop keeps
-    them, over the layer's live taps (`index`; None: the whole weight)."""
+    """One layer's rounding state, the per-layer loop's own (_C.RoundingState: V, Adam's moments and
+    W~, stepped by the fused step, frozen weights packed out of it on the CPU), over the layer's live
+    taps (`index`; None: the whole weight)."""
 
-    def __init__(self, layer: BlockLayer, index=None):
+    def __init__(self, layer: BlockLayer, index=None, pack: bool = True):
         self.layer, self.index = layer, index
         dtype = _compute_dtype(layer.weight.dtype)
         self.full_weight = layer.weight.detach().to(dtype)
@@ -289,22 +291,29 @@ class _Rounding:
         self.weight = w = w.contiguous()
         self.zero_point = (torch.zeros_like(layer.scale) if layer.zero_point is None else layer.zero_point).to(dtype)
         self.scale = layer.scale.to(dtype)
-        shape = [1] * w.dim()
-        if layer.axis is not None:
-            shape[layer.axis] = -1
-        view = lambda t: t.reshape(shape) if layer.axis is not None else t.reshape(())
-        self.grid_base = (torch.floor(w / view(self.scale)) + view(self.zero_point)).contiguous()
-        self.v = init_v(w, self.scale, layer.axis).contiguous()
-        self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.v), torch.zeros_like(self.v)
-        self.soft = soft_quantize(w, self.v, self.scale, self.zero_point, layer.quant_min, layer.quant_max,
-                                  layer.axis).contiguous()
+        self.state = _C.RoundingState(w, self.scale, self.zero_point, layer.quant_min, layer.quant_max, layer.axis,
+                                      pack)
         self.nearest = hard_quantize(w, self.scale, self.zero_point, layer.quant_min, layer.quant_max, layer.axis,
                                      "nearest")[1]
 
-    def step(self, grad, scalars, lr, adam):
-        torch.ops.adaround.adam_rounding_step_scheduled_(
-            self.v, self.exp_avg, self.exp_avg_sq, self.soft, grad.contiguous(), self.grid_base, self.scale,
-            self.zero_point, self.layer.quant_min, self.layer.quant_max, self.layer.axis, scalars, lr, *adam)
+    @property
+    def v(self):
+        return self.state.v
+
+    @property
+    def soft(self):
+        return self.state.soft_weight
+
+    def step(self, grad, scalars, lr, adam, t):
+        """Iteration t's step; `scalars`: the schedule table's row t, on the weights' device. Where the
+        state packs (the CPU) the step takes them as numbers, the same values, as optimize_layer's CPU
+        loop does; elsewhere it reads them from memory, as its device loop does."""
+        if t > 0 and t % _C.RoundingState.repack_every == 0:
+            self.state.repack()
+        if self.state.can_pack:
+            self.state.step(grad.contiguous(), scalars[0].item(), scalars[1].item(), lr, *adam, t + 1)
+        else:
+            self.state.step_scheduled(grad.contiguous(), scalars, lr, *adam)
 
     def hard(self, v=None, weight=None):
         """(codes, dequantized weight) of the learned rounding, over the live taps."""
@@ -408,7 +417,7 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
                 curve[t // log_every] = _sampled_loss(loss, scalars, states, t)
             with torch.no_grad():
                 for state, grad in zip(states.values(), grads):
-                    state.step(grad, scalars, config.lr, adam)
+                    state.step(grad, scalars, config.lr, adam, t)
                 if step_optimizer is not None:
                     for scale, grad in zip(scales, grads[len(states):]):
                         scale.grad = grad
@@ -452,7 +461,7 @@ def _sampled_loss(loss, scalars, states, t) -> float:
     total = loss.detach()
     if scalars[0].item() > 0:
         beta = scalars[1].item()
-        total = total + scalars[0] * sum(round_regularizer(s.v, beta) for s in states.values())
+        total = total + scalars[0] * sum(s.state.regularizer(beta) for s in states.values())
     value = total.item()
     if not math.isfinite(value):
         raise ValueError(f"the block's reconstruction loss is not finite at iteration {t}")

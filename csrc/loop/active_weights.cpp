@@ -36,8 +36,14 @@ void ActiveWeights::step(const Tensor& grad, double reg_lambda, double beta, dou
                              step);
     return;
   }
+  // The full step's checks of what the packed kernel reads through layout_.index (the state's own
+  // tensors are made here and need none).
+  const Tensor grad_dense = grad.contiguous();
+  check_same_layout(soft_weight_, grad_dense, "grad_soft_weight");
+  TORCH_CHECK(at::get_overlap_status(grad_dense, soft_weight_) == at::MemOverlapStatus::No,
+              "grad_soft_weight and soft_weight share memory");
   cpu::adam_rounding_step_packed_(v_packed_, exp_avg_packed_, exp_avg_sq_packed_, grid_base_packed_, soft_weight_,
-                                  grad.contiguous(), layout_, grid_, reg_lambda, beta,
+                                  grad_dense, layout_, grid_, reg_lambda, beta,
                                   adam_step_constants(lr, beta1, beta2, eps, step));
 }
 

@@ -132,15 +132,19 @@ PYBIND11_MODULE(_C, m) {
            "V initialised so that h(V) is the fractional part of weight/scale, zero moments, W~ of that V; "
            "`weight` in the kernels' compute dtype, its channels (axis 0 or none) outermost to pack")
       .def_property_readonly("soft_weight", &ActiveWeights::soft_weight, "W~ (updated in place by each step)")
-      .def_property_readonly("v", &ActiveWeights::v, "V of every weight (frozen ones as they were packed out)")
+      .def_property_readonly("v", &ActiveWeights::v,
+                             "V of every weight (frozen ones as they were packed out); the state's own tensor "
+                             "until the first pack, a copy after")
       .def_property_readonly("active_fraction", &ActiveWeights::active_fraction, "share of the weights stepped")
       .def_property_readonly("can_pack", &ActiveWeights::can_pack, "whether repack may pack weights out")
-      .def("step", &ActiveWeights::step, "one Adam step (step counts from 1) from dL/dW~")
-      .def("step_scheduled", &ActiveWeights::step_scheduled,
+      .def("step", &ActiveWeights::step, pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "one Adam step (step counts from 1) from dL/dW~")
+      .def("step_scheduled", &ActiveWeights::step_scheduled, pybind11::call_guard<pybind11::gil_scoped_release>(),
            "the step with reg_lambda, beta and the bias corrections read from a schedule_table row on the "
            "weights' device (never packed)")
       .def("regularizer", &ActiveWeights::regularizer, "the regulariser's sum over all weights (0-dim tensor)")
-      .def("repack", &ActiveWeights::repack, "packs the frozen weights out of the step (host sync)")
+      .def("repack", &ActiveWeights::repack, pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "packs the frozen weights out of the step (host sync)")
       .def_property_readonly_static("repack_every", [](const pybind11::object&) { return ActiveWeights::kRepackEvery; },
                                     "iterations between repacks in optimize_layer's loop");
 

@@ -291,29 +291,35 @@ class _Rounding:
         self.weight = w = w.contiguous()
         self.zero_point = (torch.zeros_like(layer.scale) if layer.zero_point is None else layer.zero_point).to(dtype)
         self.scale = layer.scale.to(dtype)
-        self.state = _C.RoundingState(w, self.scale, self.zero_point, layer.quant_min, layer.quant_max, layer.axis,
-                                      pack)
+        # The state packs by channel, outermost: a per-channel grid on axis 1 (a transposed
+        # convolution's) is learned with axes 0 and 1 swapped, as optimize_layer learns it.
+        self.swapped = layer.axis is not None and layer.axis % w.dim() == 1
+        learned = w.transpose(0, 1).contiguous() if self.swapped else w
+        self.state = _C.RoundingState(learned, self.scale, self.zero_point, layer.quant_min, layer.quant_max,
+                                      0 if self.swapped else layer.axis, pack)
         self.nearest = hard_quantize(w, self.scale, self.zero_point, layer.quant_min, layer.quant_max, layer.axis,
                                      "nearest")[1]
 
+    def _unswap(self, t):
+        return t.transpose(0, 1) if self.swapped else t
+
     @property
     def v(self):
-        return self.state.v
+        return self._unswap(self.state.v).contiguous()
 
     @property
     def soft(self):
-        return self.state.soft_weight
+        return self._unswap(self.state.soft_weight)
 
-    def step(self, grad, scalars, lr, adam, t):
-        """Iteration t's step; `scalars`: the schedule table's row t, on the weights' device. Where the
-        state packs (the CPU) the step takes them as numbers, the same values, as optimize_layer's CPU
-        loop does; elsewhere it reads them from memory, as its device loop does."""
-        if t > 0 and t % _C.RoundingState.repack_every == 0:
-            self.state.repack()
+    def step(self, grad, scalars, numbers, lr, adam, t):
+        """Iteration t's step: `scalars` is the schedule table's row t on the weights' device, `numbers`
+        its reg_lambda and beta. A state that packs (on the CPU) takes the numbers, as optimize_layer's
+        CPU loop does; the others read the row from memory, as its device loop does."""
+        grad = self._unswap(grad).contiguous()
         if self.state.can_pack:
-            self.state.step(grad.contiguous(), scalars[0].item(), scalars[1].item(), lr, *adam, t + 1)
+            self.state.step(grad, *numbers, lr, *adam, t + 1)
         else:
-            self.state.step_scheduled(grad.contiguous(), scalars, lr, *adam)
+            self.state.step_scheduled(grad, scalars, lr, *adam)
 
     def hard(self, v=None, weight=None):
         """(codes, dequantized weight) of the learned rounding, over the live taps."""
@@ -392,7 +398,8 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
 
     n = inputs.shape[0]
     options = config.loop_options()
-    table = _C.schedule_table(**options).to(device)
+    host_table = _C.schedule_table(**options)
+    table = host_table.to(device)
     adam = _C.adam_constants
     rows_generator = torch.Generator().manual_seed(seed)  # the per-layer loop's rows for the same seed
     scales = [q.scale for q in quantizers.values() if q.learn]
@@ -402,6 +409,9 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
     bar = _bar(progress, iterations)
     try:
         for t in range(iterations):
+            if t > 0 and t % _C.RoundingState.repack_every == 0:  # before the iteration, as optimize_layer
+                for state in states.values():
+                    state.state.repack()
             rows = torch.randint(n, (config.batch_size,), generator=rows_generator)
             x = inputs[rows.to(inputs.device)].to(device, non_blocking=True)
             y = targets[rows.to(targets.device)].to(device, non_blocking=True)
@@ -412,12 +422,12 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
             # A layer whose output does not reach the block's output differentiably gets a zero gradient.
             grads = torch.autograd.grad(loss, [*weights.values(), *scales], allow_unused=True,
                                         materialize_grads=True)
-            scalars = table[t]
+            scalars, numbers = table[t], host_table[t, :2].tolist()  # (reg_lambda, beta)
             if t % log_every == 0:  # the loss of this iteration's V, as the per-layer loop samples it
-                curve[t // log_every] = _sampled_loss(loss, scalars, states, t)
+                curve[t // log_every] = _sampled_loss(loss, numbers, states, t)
             with torch.no_grad():
                 for state, grad in zip(states.values(), grads):
-                    state.step(grad, scalars, config.lr, adam, t)
+                    state.step(grad, scalars, numbers, config.lr, adam, t)
                 if step_optimizer is not None:
                     for scale, grad in zip(scales, grads[len(states):]):
                         scale.grad = grad
@@ -456,12 +466,12 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
                        seconds=time.perf_counter() - t0)
 
 
-def _sampled_loss(loss, scalars, states, t) -> float:
+def _sampled_loss(loss, numbers, states, t) -> float:
     """The minibatch loss plus the regulariser's term (after the warm start); an error if not finite."""
     total = loss.detach()
-    if scalars[0].item() > 0:
-        beta = scalars[1].item()
-        total = total + scalars[0] * sum(s.state.regularizer(beta) for s in states.values())
+    reg_lambda, beta = numbers
+    if reg_lambda > 0:
+        total = total + reg_lambda * sum(s.state.regularizer(beta) for s in states.values())
     value = total.item()
     if not math.isfinite(value):
         raise ValueError(f"the block's reconstruction loss is not finite at iteration {t}")

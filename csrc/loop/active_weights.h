@@ -1,8 +1,9 @@
 // The rounding state of one layer (V, Adam moments, W~), stepped by adam_rounding_step_: inside
-// optimize_layer, and for each layer of a block in block reconstruction (_C.RoundingState). On the CPU, weights whose rounding can no longer change are packed out of the
-// step: V saturated (h(V) exactly 0 or 1, so the gradient is exactly 0) with Adam's momentum pointing
-// further out. Such a V only moves outward from then on, so h(V), W~ and every other weight's
-// trajectory are exactly what the full step gives; only the frozen V stop drifting.
+// optimize_layer, and for each layer of a block in block reconstruction (_C.RoundingState). On the
+// CPU, weights whose rounding can no longer change are packed out of the step: V saturated (h(V)
+// exactly 0 or 1, so the gradient is exactly 0) with Adam's momentum pointing further out. Such a V
+// only moves outward from then on, so h(V), W~ and every other weight's trajectory are exactly what
+// the full step gives; only the frozen V stop drifting.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -145,8 +145,9 @@ PYBIND11_MODULE(_C, m) {
       .def("regularizer", &ActiveWeights::regularizer, "the regulariser's sum over all weights (0-dim tensor)")
       .def("repack", &ActiveWeights::repack, pybind11::call_guard<pybind11::gil_scoped_release>(),
            "packs the frozen weights out of the step (host sync)")
-      .def_property_readonly_static("repack_every", [](const pybind11::object&) { return ActiveWeights::kRepackEvery; },
-                                    "iterations between repacks in optimize_layer's loop");
+      .def_property_readonly_static(
+          "repack_every", [](const pybind11::object&) { return ActiveWeights::kRepackEvery; },
+          "iterations between repacks, in optimize_layer's loop and the block loop");
 
   // optimize_layer's iteration graph, for tests of capture and its fallback. While one exists the
   // thread's current CUDA stream is the side stream its iterations run on.

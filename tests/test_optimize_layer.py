@@ -63,6 +63,13 @@ def small_map_case(device, activation, seed=0):
     return make_conv_case(device, activation, (6, 4, 3, 3), 0.3, (40, 4, 2, 2), geometry, seed=seed)
 
 
+def depthwise_small_map_case(device, activation, seed=0):
+    """A depthwise 3x3 conv with two outputs per channel on 3x3 maps (MobileNetV2's late blocks): on the
+    CPU its weight gradient is the direct sum (csrc/cpu/depthwise_grad.h), not the library's."""
+    geometry = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=6)
+    return make_conv_case(device, activation, (12, 1, 3, 3), 0.3, (40, 6, 3, 3), geometry, seed=seed)
+
+
 def wide_conv_case(device, activation, seed=0):
     """16 input channels on 7x7 maps: on the CPU in float32 the loop runs on channels-last copies of
     the caches (kChannelsLastMinChannels in csrc/loop/choose_path.cpp). Odd output sizes keep it off
@@ -95,7 +102,7 @@ def transposed_case(device, activation, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", [conv_case, linear_case, small_map_case, transposed_case, wide_conv_case,
-                                  winograd_case, winograd_large_tile_case])
+                                  winograd_case, winograd_large_tile_case, depthwise_small_map_case])
 @pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
 def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
     w, b, scale, zp, n, p, axis, x, t, geometry = (
@@ -121,7 +128,7 @@ def test_first_iterations_match_plain_pytorch(device, case, activation, dtype):
 
 
 @pytest.mark.parametrize("case", [conv_case, small_map_case, transposed_case, winograd_case,
-                                  winograd_large_tile_case])
+                                  winograd_large_tile_case, depthwise_small_map_case])
 def test_long_run_with_frozen_weights_matches_plain_pytorch(device, case):
     """Past the first repack (every 200 iterations) the CPU steps only the weights whose V is not yet
     saturated with momentum pointing out. In float64 everything else must still follow the plain loop:

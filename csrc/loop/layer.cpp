@@ -1,6 +1,8 @@
 // The checks and shared computations of one layer inside optimize_layer (see layer.h).
 #include "loop/layer.h"
 
+#include "cpu/depthwise_grad.h"
+
 #include <algorithm>
 
 namespace adaround::loop {
@@ -150,6 +152,10 @@ std::pair<Tensor, Tensor> unfold_chunk(const Layer& layer, const Tensor& w, cons
 
 Tensor weight_grad(const Layer& layer, const Tensor& grad_out, const Tensor& x, const Tensor& w, bool im2col) {
   if (layer.spatial == 0) return grad_out.t().mm(x);
+  if (!layer.transposed && cpu::direct_depthwise_grad_applies(grad_out, x, layer.groups)) {
+    const std::vector<int64_t> kernel(w.sizes().begin() + 2, w.sizes().end());
+    return cpu::depthwise_weight_grad(grad_out, x, kernel, layer.stride, layer.padding, layer.dilation);
+  }
   if (im2col) {
     auto [cols, grad_rows] = unfold_chunk(layer, w, x, grad_out);  // [g, rows, K], [g, rows, out_g]
     return at::bmm(grad_rows.transpose(1, 2), cols).view(w.sizes());

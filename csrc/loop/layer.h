@@ -42,8 +42,9 @@ at::Tensor minibatch_loss(Activation act, const at::Tensor& pre, const at::Tenso
 std::pair<at::Tensor, at::Tensor> unfold_chunk(const Layer& layer, const at::Tensor& w, const at::Tensor& x,
                                                const at::Tensor& target);
 
-// dL/dW from dL/d(output) without the input gradient; `im2col`: as one GEMM over unfolded rows
-// (a plain convolution only).
+// dL/dW from dL/d(output) without the input gradient: directly for a depthwise convolution on a small
+// CPU map (cpu/depthwise_grad.h); else with `im2col` as one GEMM over unfolded rows (a plain
+// convolution only), or the library's.
 at::Tensor weight_grad(const Layer& layer, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
                        bool im2col);
 

@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 
+#include "../cpu/depthwise_grad.h"
 #include "../device/emulation.h"
 #include "../grid.h"
 #include "../iteration_graph.h"
@@ -112,6 +113,12 @@ PYBIND11_MODULE(_C, m) {
       "optimize_layer's per-iteration scalars for these options (schedule.h): float64 [iterations, 4]");
   m.attr("adam_constants") = pybind11::make_tuple(adaround::kAdamBeta1, adaround::kAdamBeta2, adaround::kAdamEps);
   m.attr("saturated_v") = adaround::kSaturatedV;  // |V| at which h(V) is exactly 0 or 1 (rounding_math.h)
+  m.def("depthwise_weight_grad", &adaround::cpu::depthwise_weight_grad, pybind11::arg("grad_out"), pybind11::arg("x"),
+        pybind11::arg("kernel_size"), pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"),
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "dL/dW of a depthwise Conv2d on the CPU, computed directly (csrc/cpu/depthwise_grad.h)");
+  m.def("direct_depthwise_grad_applies", &adaround::cpu::direct_depthwise_grad_applies, pybind11::arg("grad_out"),
+        pybind11::arg("x"), pybind11::arg("groups"), "whether depthwise_weight_grad is the faster weight gradient here");
   m.def("set_cuda_emulation", &adaround::emulation::set_enabled,
         "routes the CPU ops to the host emulation of their CUDA kernels (csrc/device/emulation.h)");
   m.def("cuda_emulation", &adaround::emulation::enabled, "whether the CUDA kernels are being emulated on the CPU");

@@ -1,0 +1,114 @@
+"""The faster computations block reconstruction runs its layers with, against PyTorch's own: the
+direct depthwise weight gradient (shared with optimize_layer), the grouped convolution built on it,
+1x1 convolutions as matrix products and the activation fake quantization."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaround_ext import _C
+from adaround_ext.blocks import FakeQuantize, GroupedConv2d, SoftLayer
+
+
+def library_weight_grad(grad, x, weight_shape, stride, padding, dilation, groups):
+    return torch.ops.aten.convolution_backward(grad, x, torch.empty(weight_shape, dtype=x.dtype), None, stride,
+                                               padding, dilation, False, [0, 0], groups, [False, True, False])[1]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels, multiplier, size, kernel, stride, padding, dilation", [
+    (8, 1, (2, 2), (3, 3), (1, 1), (1, 1), (1, 1)),   # MobileNetV2's late blocks
+    (6, 2, (5, 3), (3, 3), (2, 1), (1, 0), (1, 1)),   # two outputs per channel, uneven geometry
+    (5, 1, (4, 4), (3, 2), (1, 1), (2, 1), (2, 1)),   # dilated, non-square kernel
+    (7, 1, (1, 1), (1, 1), (1, 1), (0, 0), (1, 1)),   # a kernel cropped to its one live tap
+    (3, 3, (9, 9), (5, 5), (3, 3), (2, 2), (1, 1)),
+])
+def test_direct_depthwise_weight_grad_equals_the_library(channels, multiplier, size, kernel, stride, padding,
+                                                         dilation, channels_last):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, channels, *size, generator=g, dtype=torch.float64)
+    weight = torch.randn(channels * multiplier, 1, *kernel, generator=g, dtype=torch.float64)
+    out = F.conv2d(x, weight, None, stride, padding, dilation, channels)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    if channels_last:
+        x, grad = x.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
+    got = _C.depthwise_weight_grad(grad, x, kernel, stride, padding, dilation)
+    expected = library_weight_grad(grad, x, weight.shape, stride, padding, dilation, channels)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    got32 = _C.depthwise_weight_grad(grad.float(), x.float(), kernel, stride, padding, dilation)
+    torch.testing.assert_close(got32, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_direct_depthwise_gradient_is_taken_where_it_is_faster():
+    x, small, large = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.randn(2, 4, 5, 5)
+    assert _C.direct_depthwise_grad_applies(small, x, 4)  # 16 output positions
+    assert not _C.direct_depthwise_grad_applies(large, x, 4)  # 25: the library's
+    assert not _C.direct_depthwise_grad_applies(small, x, 2)  # grouped, not depthwise
+    assert not _C.direct_depthwise_grad_applies(small.half(), x.half(), 4)
+    assert not _C.direct_depthwise_grad_applies(small, x, 1)
+
+
+@pytest.mark.parametrize("grad_shape, x_shape, message", [
+    ((2, 8, 2, 2), (2, 4, 2, 2), "does not match the output"),  # 3x3, padding 0 leaves no output
+    ((2, 6, 2, 2), (2, 4, 4, 4), "not a multiple"),
+    ((3, 4, 2, 2), (2, 4, 4, 4), "samples"),
+    ((2, 4, 2), (2, 4, 4, 4), "4-D"),
+])
+def test_direct_depthwise_weight_grad_refuses_mismatched_arguments(grad_shape, x_shape, message):
+    with pytest.raises(RuntimeError, match=message):
+        _C.depthwise_weight_grad(torch.randn(grad_shape), torch.randn(x_shape), [3, 3], [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match="is Double but grad_out is Float"):
+        _C.depthwise_weight_grad(torch.randn(2, 4, 2, 2), torch.randn(2, 4, 4, 4).double(), [3, 3], [1, 1], [0, 0],
+                                 [1, 1])
+
+
+@pytest.mark.parametrize("size", [2, 6])  # the direct weight gradient, and the library's
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_grouped_conv2d_gradients_pass_gradcheck(size, multiplier):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, size, size, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4 * multiplier, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4 * multiplier, generator=g, dtype=torch.float64, requires_grad=True)
+    geometry = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=4)
+    assert torch.autograd.gradcheck(lambda *a: GroupedConv2d.apply(*a, geometry), (x, weight, bias))
+    assert torch.allclose(GroupedConv2d.apply(x, weight, bias, geometry), F.conv2d(x, weight, bias, **geometry))
+
+
+@pytest.mark.parametrize("size", [1, 4, 5])  # 5x5: past the matrix-product threshold, the library's
+def test_a_1x1_convolution_as_a_matrix_product_equals_the_convolution(size):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 6, size, size, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 6, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=g, dtype=torch.float64)
+    layer = SoftLayer("conv2d", bias, dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1))
+    layer.weight = weight
+    out = layer(x)
+    expected = F.conv2d(x, weight, bias)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, (x, weight), grad)
+    want = torch.autograd.grad(expected, (x, weight), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_activation_fake_quantization_equals_torchs(dtype):
+    """The values bit for bit and the straight-through gradient, with ties, both clipped ends and a
+    nonzero zero point."""
+    scale, zero_point, qmin, qmax = 0.0731, 3, 0, 15
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4000, generator=g, dtype=torch.float64) * 0.8
+    ties = (torch.arange(-6, 16, dtype=torch.float64) + 0.5 - zero_point) * torch.tensor(scale, dtype=torch.float32)
+    x = torch.cat([x, ties]).to(dtype).requires_grad_()
+    scale_t, zero_point_t = torch.tensor([scale]), torch.tensor([float(zero_point)])
+    ours = FakeQuantize.apply(x, scale_t, zero_point_t, qmin, qmax)
+    theirs = torch.fake_quantize_per_tensor_affine(x.float() if dtype == torch.float16 else x, scale, zero_point,
+                                                   qmin, qmax).to(dtype)
+    assert ours.dtype == dtype
+    assert torch.equal(ours, theirs)
+    grad = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+    expected = torch.autograd.grad(torch.fake_quantize_per_tensor_affine(
+        x.float(), scale, zero_point, qmin, qmax), x, grad.float())[0] if dtype == torch.float16 else \
+        torch.autograd.grad(theirs, x, grad)[0]
+    assert torch.equal(torch.autograd.grad(ours, x, grad)[0], expected.to(dtype))
+    assert 0 < (expected == 0).sum() < len(x)  # some elements fall outside the grid

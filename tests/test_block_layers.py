@@ -21,9 +21,19 @@ def library_weight_grad(grad, x, weight_shape, stride, padding, dilation, groups
     (5, 1, (4, 4), (3, 2), (1, 1), (2, 1), (2, 1)),   # dilated, non-square kernel
     (7, 1, (1, 1), (1, 1), (1, 1), (0, 0), (1, 1)),   # a kernel cropped to its one live tap
     (3, 3, (9, 9), (5, 5), (3, 3), (2, 2), (1, 1)),
+    (64, 2, (3, 3), (3, 3), (1, 1), (1, 1), (1, 1)),  # 128 output channels: split over the threads
 ])
 def test_direct_depthwise_weight_grad_equals_the_library(channels, multiplier, size, kernel, stride, padding,
                                                          dilation, channels_last):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, 2))
+    try:
+        check_direct_depthwise_weight_grad(channels, multiplier, size, kernel, stride, padding, dilation, channels_last)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_direct_depthwise_weight_grad(channels, multiplier, size, kernel, stride, padding, dilation, channels_last):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, channels, *size, generator=g, dtype=torch.float64)
     weight = torch.randn(channels * multiplier, 1, *kernel, generator=g, dtype=torch.float64)
@@ -45,6 +55,7 @@ def test_direct_depthwise_gradient_is_taken_where_it_is_faster():
     assert not _C.direct_depthwise_grad_applies(small, x, 2)  # grouped, not depthwise
     assert not _C.direct_depthwise_grad_applies(small.half(), x.half(), 4)
     assert not _C.direct_depthwise_grad_applies(small, x, 1)
+    assert not _C.direct_depthwise_grad_applies(small, x.double(), 4)
 
 
 @pytest.mark.parametrize("grad_shape, x_shape, message", [
@@ -56,6 +67,8 @@ def test_direct_depthwise_gradient_is_taken_where_it_is_faster():
 def test_direct_depthwise_weight_grad_refuses_mismatched_arguments(grad_shape, x_shape, message):
     with pytest.raises(RuntimeError, match=message):
         _C.depthwise_weight_grad(torch.randn(grad_shape), torch.randn(x_shape), [3, 3], [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match="stride and dilation must be positive"):
+        _C.depthwise_weight_grad(torch.randn(2, 4, 2, 2), torch.randn(2, 4, 4, 4), [3, 3], [0, 1], [0, 0], [1, 1])
     with pytest.raises(RuntimeError, match="is Double but grad_out is Float"):
         _C.depthwise_weight_grad(torch.randn(2, 4, 2, 2), torch.randn(2, 4, 4, 4).double(), [3, 3], [1, 1], [0, 0],
                                  [1, 1])
@@ -63,14 +76,31 @@ def test_direct_depthwise_weight_grad_refuses_mismatched_arguments(grad_shape, x
 
 @pytest.mark.parametrize("size", [2, 6])  # the direct weight gradient, and the library's
 @pytest.mark.parametrize("multiplier", [1, 2])
-def test_grouped_conv2d_gradients_pass_gradcheck(size, multiplier):
+def test_grouped_conv2d_gradients_pass_gradcheck(monkeypatch, size, multiplier):
+    calls = []
+    direct = _C.depthwise_weight_grad
+    monkeypatch.setattr(_C, "depthwise_weight_grad", lambda *a: calls.append(1) or direct(*a))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 4, size, size, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4 * multiplier, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4 * multiplier, generator=g, dtype=torch.float64, requires_grad=True)
     geometry = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=4)
     assert torch.autograd.gradcheck(lambda *a: GroupedConv2d.apply(*a, geometry), (x, weight, bias))
+    assert bool(calls) == (size == 2)  # 4 output positions: direct; 36: the library's
     assert torch.allclose(GroupedConv2d.apply(x, weight, bias, geometry), F.conv2d(x, weight, bias, **geometry))
+
+
+def test_grouped_conv2d_gradients_without_bias_or_input_gradient_on_channels_last_data():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 8, 2, 2, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(8, 1, 3, 3, generator=g, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    geometry = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=8)
+    out = GroupedConv2d.apply(x, weight, None, geometry)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got, = torch.autograd.grad(out, weight, grad)
+    expected, = torch.autograd.grad(F.conv2d(x, weight, None, **geometry), weight, grad)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("size", [1, 4, 5])  # 5x5: past the matrix-product threshold, the library's
@@ -84,6 +114,8 @@ def test_a_1x1_convolution_as_a_matrix_product_equals_the_convolution(size):
     out = layer(x)
     expected = F.conv2d(x, weight, bias)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # The matrix product's output is NHWC in memory, the library's NCHW (a 1x1 map is both).
+    assert out.is_contiguous() == (size != 4)
     grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
     got = torch.autograd.grad(out, (x, weight), grad)
     want = torch.autograd.grad(expected, (x, weight), grad)
@@ -91,24 +123,29 @@ def test_a_1x1_convolution_as_a_matrix_product_equals_the_convolution(size):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_activation_fake_quantization_equals_torchs(dtype):
-    """The values bit for bit and the straight-through gradient, with ties, both clipped ends and a
-    nonzero zero point."""
-    scale, zero_point, qmin, qmax = 0.0731, 3, 0, 15
+@pytest.mark.parametrize("scale", [0.0731, 0.125])  # 0.125: exact ties at every half code
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_activation_fake_quantization_equals_torchs(dtype, scale):
+    """The values bit for bit and the straight-through gradient, with ties (rounded to even), both
+    clipped ends and a nonzero zero point; a NaN stays NaN."""
+    zero_point, qmin, qmax = 3, 0, 15
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4000, generator=g, dtype=torch.float64) * 0.8
-    ties = (torch.arange(-6, 16, dtype=torch.float64) + 0.5 - zero_point) * torch.tensor(scale, dtype=torch.float32)
+    ties = (torch.arange(-6, 16, dtype=torch.float64) + 0.5 - zero_point) * scale
     x = torch.cat([x, ties]).to(dtype).requires_grad_()
     scale_t, zero_point_t = torch.tensor([scale]), torch.tensor([float(zero_point)])
     ours = FakeQuantize.apply(x, scale_t, zero_point_t, qmin, qmax)
-    theirs = torch.fake_quantize_per_tensor_affine(x.float() if dtype == torch.float16 else x, scale, zero_point,
-                                                   qmin, qmax).to(dtype)
-    assert ours.dtype == dtype
+    theirs = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    assert ours.dtype == theirs.dtype == dtype
     assert torch.equal(ours, theirs)
+    if scale == 0.125:  # x / scale lands on k + 1/2 exactly: to the even neighbour (-2.5 -> -2, -1.5 -> -2)
+        halves = torch.arange(-6, 16, dtype=torch.float64) + 0.5 - zero_point
+        even = torch.where(torch.floor(halves) % 2 == 0, torch.floor(halves), torch.ceil(halves))
+        expected_codes = (even + zero_point).clamp(qmin, qmax) - zero_point
+        assert torch.equal(ours[-len(ties):].double() / scale, expected_codes)
     grad = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
-    expected = torch.autograd.grad(torch.fake_quantize_per_tensor_affine(
-        x.float(), scale, zero_point, qmin, qmax), x, grad.float())[0] if dtype == torch.float16 else \
-        torch.autograd.grad(theirs, x, grad)[0]
-    assert torch.equal(torch.autograd.grad(ours, x, grad)[0], expected.to(dtype))
+    expected = torch.autograd.grad(theirs, x, grad)[0]
+    assert torch.equal(torch.autograd.grad(ours, x, grad)[0], expected)
     assert 0 < (expected == 0).sum() < len(x)  # some elements fall outside the grid
+    nan = FakeQuantize.apply(torch.tensor([float("nan"), 1.0], dtype=dtype), scale_t, zero_point_t, qmin, qmax)
+    assert nan[0].isnan() and not nan[1].isnan()

@@ -1,5 +1,7 @@
 #include "depthwise_grad.h"
 
+#include "device/emulation.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -57,7 +59,8 @@ void accumulate(const scalar_t* grad, const scalar_t* x, scalar_t* out, int64_t 
 }  // namespace
 
 bool direct_depthwise_grad_applies(const Tensor& grad_out, const Tensor& x, int64_t groups) {
-  return x.dim() == 4 && grad_out.dim() == 4 && x.is_cpu() && grad_out.is_cpu() && groups > 1 &&
+  // A CPU-only path: off while the CUDA kernels are emulated, where the loops run as on a GPU.
+  return !emulation::enabled() && x.dim() == 4 && grad_out.dim() == 4 && x.is_cpu() && grad_out.is_cpu() && groups > 1 &&
          x.size(1) == groups && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
          grad_out.scalar_type() == x.scalar_type() && grad_out.size(2) * grad_out.size(3) <= kDirectDepthwiseMaxPositions;
 }
@@ -77,6 +80,9 @@ Tensor depthwise_weight_grad(const Tensor& grad_out, const Tensor& x, at::IntArr
   TORCH_CHECK(channels > 0 && out_channels % channels == 0, "depthwise_weight_grad: grad_out's ", out_channels,
               " channels are not a multiple of x's ", channels);
   for (int64_t d = 0; d < 2; ++d) {
+    TORCH_CHECK(kernel_size[d] >= 1 && stride[d] >= 1 && dilation[d] >= 1 && padding[d] >= 0,
+                "depthwise_weight_grad: kernel_size, stride and dilation must be positive and padding non-negative, "
+                "got kernel_size ", kernel_size, ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
     const int64_t extent = x.size(2 + d) + 2 * padding[d] - dilation[d] * (kernel_size[d] - 1) - 1;
     TORCH_CHECK(extent >= 0 && grad_out.size(2 + d) == extent / stride[d] + 1, "depthwise_weight_grad: grad_out ",
                 grad_out.sizes(), " does not match the output of x ", x.sizes(), " under this geometry");

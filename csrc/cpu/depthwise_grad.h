@@ -1,7 +1,8 @@
 // The weight gradient of a depthwise 2-D convolution (groups == input channels) computed directly on
-// the CPU. The convolution library's depthwise weight gradient is several times slower than the
-// forward pass on small maps, where it dominates a step of every optimisation loop that learns such a
-// layer (MobileNetV2's blocks past the first few downsamplings).
+// the CPU. On small maps the convolution library's depthwise weight gradient pays a per-call setup
+// that a few positions per sample never amortise, and it dominates a step of every optimisation loop
+// that learns such a layer (MobileNetV2's blocks past the first few downsamplings); the direct sum
+// is one pass over the gradient and the input.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,8 +13,9 @@ namespace adaround::cpu {
 // larger maps the library's blocked kernels win.
 constexpr int64_t kDirectDepthwiseMaxPositions = 16;
 
-// Whether depthwise_weight_grad is the faster way to the weight gradient of a 2-D convolution with
-// `groups` groups of x [n, C, H, W] (CPU, float or double, groups == C) giving grad_out.
+// Whether depthwise_weight_grad is the faster way to the weight gradient of a (non-transposed) 2-D
+// convolution with `groups` groups of x [n, C, H, W] (CPU, float or double, groups == C) giving
+// grad_out, outside CUDA emulation. The caller excludes transposed convolutions.
 bool direct_depthwise_grad_applies(const at::Tensor& grad_out, const at::Tensor& x, int64_t groups);
 
 // dL/dW [O, 1, kh, kw] of the convolution of x [n, C, H, W] with a weight of O = C * multiplier

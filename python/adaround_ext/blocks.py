@@ -213,7 +213,10 @@ class ReconstructionQuantizer(nn.Module):
         if self.learn:  # its kernels take float32 only
             return torch._fake_quantize_learnable_per_tensor_affine(
                 x.float(), self.scale, self.zero_point, self.quant_min, self.quant_max, 1.0).to(x.dtype)
-        return FakeQuantize.apply(x, self.scale.detach(), self.zero_point, self.quant_min, self.quant_max)
+        if x.is_cpu:
+            return FakeQuantize.apply(x, self.scale.detach(), self.zero_point, self.quant_min, self.quant_max)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale.detach()[0], self.zero_point.int()[0],
+                                                     self.quant_min, self.quant_max)
 
     def forward(self, x):
         quantized = self.quantize(x)
@@ -229,14 +232,15 @@ class ReconstructionQuantizer(nn.Module):
 
 class FakeQuantize(torch.autograd.Function):
     """torch.fake_quantize_per_tensor_affine's values and straight-through gradient (zero where the
-    input falls outside the grid), in a few vectorised tensor ops, which run several times faster on
-    the CPU than its kernel. scale and zero_point: float32 tensors of one element."""
+    input falls outside the grid) for finite input, in a few vectorised tensor ops: its CPU kernel is a
+    scalar loop. A NaN stays NaN (the kernel turns it into a code), so the loss shows it. scale and
+    zero_point: float32 tensors of one element."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max):
         dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         # As the kernel: codes z + round-half-even(x * (1 / scale)), the reciprocal taken in float32
-        # and the codes in the input's precision, and (code - z) * scale in float32 for every input.
+        # and the codes in float64 for float64 input (else float32), and (code - z) * scale in float32.
         codes = torch.round(x.to(dtype) * scale.reciprocal().to(dtype)).add_(zero_point.to(dtype))
         inside = (codes >= quant_min) & (codes <= quant_max)
         ctx.save_for_backward(inside)
@@ -269,8 +273,9 @@ class SoftLayer(nn.Module):
         weight = self.weight
         if self.kind == "conv2d" and x.is_cpu and _pointwise(weight, self.geometry) and (
                 x.shape[2] * x.shape[3] <= LINEAR_MAX_POSITIONS):
-            # On small maps a 1x1 convolution runs faster, forward and backward, as a matrix product
-            # over the [n, H, W, C] rows than in the convolution library.
+            # On small maps a 1x1 convolution is cheaper, forward and backward, as a matrix product over
+            # the [n, H, W, C] rows: no convolution setup. Its output is NHWC in memory (as a grouped
+            # convolution's), so a .view() of it in the model's code after the layer would refuse.
             return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), self.bias).permute(0, 3, 1, 2)
         if self.kind == "conv2d" and self.geometry["groups"] > 1 and x.is_cpu:
             # oneDNN's grouped (depthwise) convolutions run several times faster on NHWC data (the
@@ -290,7 +295,7 @@ def _pointwise(weight, geometry) -> bool:
 class GroupedConv2d(torch.autograd.Function):
     """F.conv2d of a grouped convolution whose weight gradient, for a depthwise convolution on a small
     CPU map, is the per-layer loop's direct sum (_C.depthwise_weight_grad) rather than the library's,
-    which is many times slower there."""
+    whose per-call setup a few positions per sample do not amortise."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, geometry):
@@ -299,6 +304,7 @@ class GroupedConv2d(torch.autograd.Function):
         return F.conv2d(x, weight, bias, **geometry)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         g = ctx.geometry

@@ -10,7 +10,7 @@ at::ScalarType compute_dtype(at::ScalarType weight_dtype) {
   return weight_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-static void check_range(int64_t quant_min, int64_t quant_max) {
+void check_quant_range(int64_t quant_min, int64_t quant_max) {
   TORCH_CHECK(quant_min < quant_max, "quant_min (", quant_min, ") must be smaller than quant_max (",
               quant_max, ")");
   const int64_t levels = quant_max - quant_min + 1;
@@ -22,7 +22,7 @@ static void check_range(int64_t quant_min, int64_t quant_max) {
 }
 
 at::ScalarType code_dtype(int64_t quant_min, int64_t quant_max) {
-  check_range(quant_min, quant_max);
+  check_quant_range(quant_min, quant_max);
   if (quant_min >= -128 && quant_max <= 127) return at::kChar;
   TORCH_CHECK(quant_min >= 0, "a grid that needs uint8 codes must start at 0 or above, got quant_min=",
               quant_min);
@@ -38,7 +38,7 @@ QuantGrid make_grid(const at::Tensor& weight, const at::Tensor& scale,
               scale.scalar_type());
   TORCH_CHECK(scale.device() == weight.device(), "scale is on ", scale.device(),
               " but weight is on ", weight.device());
-  check_range(quant_min, quant_max);
+  check_quant_range(quant_min, quant_max);
 
   QuantGrid grid;
   grid.qmin = quant_min;

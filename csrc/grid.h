@@ -20,6 +20,9 @@ struct QuantGrid {
   int64_t inner = 1;  // elements per channel run in contiguous memory
 };
 
+// Checks an integer grid [quant_min, quant_max]: 4 to 256 levels inside the int8 or uint8 range.
+void check_quant_range(int64_t quant_min, int64_t quant_max);
+
 // Compute dtype for a weight dtype: float for float/half/bfloat16, double for double.
 at::ScalarType compute_dtype(at::ScalarType weight_dtype);
 

@@ -27,6 +27,7 @@ struct ScalarOps {
   static C10_HOST_DEVICE T floor(T x) { return std::floor(x); }
   static C10_HOST_DEVICE T nearest(T x) { return std::nearbyint(x); }  // half to even, as torch.round
   static C10_HOST_DEVICE T pow(T x, T y) { return std::pow(x, y); }
+  static C10_HOST_DEVICE T to_float32(T x) { return T(static_cast<float>(x)); }  // rounded to float32 precision
   // A NaN first argument comes back (as from at::vec::minimum/maximum on the SIMD path): a NaN V
   // or weight shows in the result instead of being clipped to a bound.
   static C10_HOST_DEVICE T min(T a, T b) { return b < a ? b : a; }
@@ -203,6 +204,49 @@ C10_HOST_DEVICE inline bool rounding_step(T& v, T& exp_avg, T& exp_avg_sq, T& so
   soft_weight = rounding_step_full<T, ScalarOps<T>>(v, exp_avg, exp_avg_sq, grad(), grid_base(), scale, zero_point,
                                                     qmin, qmax, reg_lambda, beta, regularize, adam);
   return true;
+}
+
+// ---- Activation fake quantization (per tensor), as block reconstruction trains it ----------
+// The grid of one activation quantizer and an optional clamp [lower, upper] applied first (a
+// ReLU/ReLU6 fused into the quantizer; +-inf when there is none).
+template <typename T>
+struct ActivationGrid {
+  T scale, inv_scale, zero_point, qmin, qmax, lower, upper;
+};
+
+// The grid from its stored float32 step and zero point. 1/s is taken once, in float32, the code is
+// nearest(x * (1/s)) + z and the value (code - z) * s is rounded to float32, as
+// torch.fake_quantize_per_tensor_affine computes them for every input dtype: its values bit for bit.
+template <typename T>
+C10_HOST_DEVICE inline ActivationGrid<T> activation_grid(float scale, float zero_point, T qmin, T qmax, T lower,
+                                                         T upper) {
+  return {T(scale), T(1.0f / scale), T(zero_point), qmin, qmax, lower, upper};
+}
+
+// y = x clamped to [lower, upper], then s * (clip(nearest(y / s) + z, qmin, qmax) - z); where
+// `keep_float` holds (QDrop), y itself. A NaN input stays NaN.
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T fake_quantize_activation(T x, typename Ops::Mask keep_float, const ActivationGrid<T>& g) {
+  const T y = clamp<T, Ops>(x, g.lower, g.upper);
+  const T code = clamp<T, Ops>(Ops::nearest(y * g.inv_scale) + g.zero_point, g.qmin, g.qmax);
+  return Ops::select(keep_float, y, Ops::to_float32((code - g.zero_point) * g.scale));
+}
+
+// The straight-through gradients of fake_quantize_activation at x:
+// d/dx: 1 where the clamp passes x (lower < x < upper, as hardtanh's backward) and either x is kept
+// in float or its code lies inside [qmin, qmax]; else 0.
+// d/ds (LSQ, Esser et al. 2020; torch's learnable fake quantization): inside the grid
+// (code - z) - y / s, the rounding offset; outside it the clipped level minus z; 0 where kept.
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline void fake_quantize_activation_grad(T x, typename Ops::Mask keep_float,
+                                                          const ActivationGrid<T>& g, T& d_input, T& d_scale) {
+  const T y = clamp<T, Ops>(x, g.lower, g.upper);
+  const T code = Ops::nearest(y * g.inv_scale) + g.zero_point;
+  const auto inside = Ops::both(code >= g.qmin, code <= g.qmax);
+  const auto passes = Ops::both(x > g.lower, x < g.upper);
+  const T level = clamp<T, Ops>(code, g.qmin, g.qmax) - g.zero_point;
+  d_input = Ops::select(Ops::both(passes, Ops::either(keep_float, inside)), T(1), T(0));
+  d_scale = Ops::select(keep_float, T(0), Ops::select(inside, level - y * g.inv_scale, level));
 }
 
 // Activation in the reconstruction loss.

@@ -1,12 +1,12 @@
 """The faster computations block reconstruction runs its layers with, against PyTorch's own: the
-direct depthwise weight gradient (shared with optimize_layer), the grouped convolution built on it,
-1x1 convolutions as matrix products and the activation fake quantization."""
+direct depthwise weight gradient (shared with optimize_layer), the grouped convolution built on it and
+1x1 convolutions as matrix products (the activation fake quantization: test_activation_quant.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from adaround_ext import _C
-from adaround_ext.blocks import FakeQuantize, GroupedConv2d, SoftLayer
+from adaround_ext.blocks import GroupedConv2d, SoftLayer
 
 
 def library_weight_grad(grad, x, weight_shape, stride, padding, dilation, groups):
@@ -56,6 +56,17 @@ def test_direct_depthwise_gradient_is_taken_where_it_is_faster():
     assert not _C.direct_depthwise_grad_applies(small.half(), x.half(), 4)
     assert not _C.direct_depthwise_grad_applies(small, x, 1)
     assert not _C.direct_depthwise_grad_applies(small, x.double(), 4)
+    _C.set_cuda_emulation(True)  # the GPU's form of the loop: the library's gradient, as a GPU runs it
+    try:
+        assert not _C.direct_depthwise_grad_applies(small, x, 4)
+    finally:
+        _C.set_cuda_emulation(False)
+
+
+def test_a_1x1_convolution_runs_as_a_matrix_product_up_to_the_per_layer_loops_bound():
+    from adaround_ext import blocks
+
+    assert blocks.LINEAR_MAX_POSITIONS == _C.gemm_max_positions > 0
 
 
 @pytest.mark.parametrize("grad_shape, x_shape, message", [
@@ -121,31 +132,3 @@ def test_a_1x1_convolution_as_a_matrix_product_equals_the_convolution(size):
     want = torch.autograd.grad(expected, (x, weight), grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("scale", [0.0731, 0.125])  # 0.125: exact ties at every half code
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_activation_fake_quantization_equals_torchs(dtype, scale):
-    """The values bit for bit and the straight-through gradient, with ties (rounded to even), both
-    clipped ends and a nonzero zero point; a NaN stays NaN."""
-    zero_point, qmin, qmax = 3, 0, 15
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(4000, generator=g, dtype=torch.float64) * 0.8
-    ties = (torch.arange(-6, 16, dtype=torch.float64) + 0.5 - zero_point) * scale
-    x = torch.cat([x, ties]).to(dtype).requires_grad_()
-    scale_t, zero_point_t = torch.tensor([scale]), torch.tensor([float(zero_point)])
-    ours = FakeQuantize.apply(x, scale_t, zero_point_t, qmin, qmax)
-    theirs = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
-    assert ours.dtype == theirs.dtype == dtype
-    assert torch.equal(ours, theirs)
-    if scale == 0.125:  # x / scale lands on k + 1/2 exactly: to the even neighbour (-2.5 -> -2, -1.5 -> -2)
-        halves = torch.arange(-6, 16, dtype=torch.float64) + 0.5 - zero_point
-        even = torch.where(torch.floor(halves) % 2 == 0, torch.floor(halves), torch.ceil(halves))
-        expected_codes = (even + zero_point).clamp(qmin, qmax) - zero_point
-        assert torch.equal(ours[-len(ties):].double() / scale, expected_codes)
-    grad = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
-    expected = torch.autograd.grad(theirs, x, grad)[0]
-    assert torch.equal(torch.autograd.grad(ours, x, grad)[0], expected)
-    assert 0 < (expected == 0).sum() < len(x)  # some elements fall outside the grid
-    nan = FakeQuantize.apply(torch.tensor([float("nan"), 1.0], dtype=dtype), scale_t, zero_point_t, qmin, qmax)
-    assert nan[0].isnan() and not nan[1].isnan()

@@ -136,9 +136,13 @@ def test_named_blocks_and_their_errors():
 
 # ---- the learned rounding against plain PyTorch ------------------------------------------------
 
-def block_setup(dtype=torch.float64, bits=3, seed=0, size=8):
-    """block1 of a TwoBlocks model with its cached inputs and float outputs, and its layers' grids."""
-    model = two_blocks(seed).to(dtype)
+def block_setup(dtype=torch.float64, bits=3, seed=0, size=8, variant=None):
+    """block1 of a TwoBlocks model with its cached inputs and float outputs, and its layers' grids;
+    variant(block1): another block1 in its place."""
+    model = two_blocks(seed)
+    if variant is not None:
+        model.block1 = variant(model.block1)
+    model = model.to(dtype)
     x = images(size=size).to(dtype)
     with torch.no_grad():
         inputs = F.relu(model.stem(x))
@@ -243,6 +247,50 @@ def test_block_rounding_equals_plain_pytorch_step_by_step(monkeypatch, activatio
         codes = torch.clamp(torch.floor(layer.weight / layer.scale.view(-1, 1, 1, 1)) + (h >= 0.5).double(),
                             layer.quant_min, layer.quant_max)
         assert torch.equal(result.codes[layer.name].double(), codes)
+
+
+class ReadsTheRelu(nn.Module):
+    """ResBlock's layers, with the hidden ReLU's output or input read once more by the residual sum."""
+
+    def __init__(self, block: ResBlock, reads: str):
+        super().__init__()
+        self.conv1, self.conv2, self.relu, self.reads = block.conv1, block.conv2, block.relu, reads
+
+    def forward(self, x):
+        h = self.conv1(x)
+        r = self.relu(h)
+        out = x + self.conv2(r)
+        if self.reads == "relu output":
+            out = out + r
+        if self.reads == "relu input":
+            out = out + h
+        return self.relu(out)
+
+
+@pytest.mark.parametrize("reads, fused", [("once", True), ("relu output", False), ("relu input", False)])
+def test_a_relu_read_only_by_a_quantized_layer_is_fused_into_its_quantizer(monkeypatch, reads, fused):
+    """The ReLU goes into conv2's input quantizer (a clamp before the grid) only where nothing else
+    reads its output or input; fused or not, the block learns the same rounding bit for bit."""
+    model, block, layers, inputs, targets = block_setup(variant=lambda b: ReadsTheRelu(b, reads))
+    config = ae.QuantConfig(iterations=8, batch_size=8, activation_range="minmax", activation_bits=4)
+    seen = {}
+    fuse = blocks_mod._fuse_clamps
+
+    def recording(block_gm, soft_layers):
+        fuse(block_gm, soft_layers)
+        seen.update(graph=block_gm.graph, soft_layers=soft_layers)
+
+    monkeypatch.setattr(blocks_mod, "_fuse_clamps", recording)
+    result = reconstruct_block(block_module(model, block), layers, inputs, targets, config, seed=7, activation_bits=4)
+    conv2 = next(node for node in seen["graph"].nodes if node.target == "block1.conv2")
+    assert (conv2.args[0].target == "block1.conv1") == fused
+    assert seen["soft_layers"]["block1.conv2"].input_quantizer.clamp == ((0.0, None) if fused else (None, None))
+    monkeypatch.setattr(blocks_mod, "_fuse_clamps", lambda block_gm, soft_layers: None)
+    unfused = reconstruct_block(block_module(model, block), layers, inputs, targets, config, seed=7,
+                                activation_bits=4)
+    for name in result.v:
+        assert torch.equal(result.v[name], unfused.v[name])
+    assert result.adaround_error == unfused.adaround_error
 
 
 def test_qdrop_extremes(monkeypatch):

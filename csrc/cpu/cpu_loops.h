@@ -58,6 +58,7 @@ struct VecOps {
   static FloatVec sqrt(FloatVec x) { return x.sqrt(); }
   static FloatVec floor(FloatVec x) { return x.floor(); }
   static FloatVec nearest(FloatVec x) { return x.round(); }
+  static FloatVec to_float32(FloatVec x) { return x; }
   // x^y for x >= 0 (the only use): exp(y log x) is several times faster than SLEEF's powf and
   // within a few ulp; x = 0 gives exp(-inf) = 0 for y > 0.
   static FloatVec pow(FloatVec x, FloatVec y) { return (y * log_positive(x)).exp_u20(); }

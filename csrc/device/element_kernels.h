@@ -126,6 +126,62 @@ struct InitVElement {
   }
 };
 
+// An activation quantizer's grid whose step and zero point are read from device memory, so that a
+// learned step needs no host synchronisation.
+template <typename T>
+struct ActivationGridRef {
+  const float* scale;
+  const float* zero_point;
+  T qmin, qmax, lower, upper;
+  C10_HOST_DEVICE ActivationGrid<T> get() const {
+    return activation_grid<T>(*scale, *zero_point, qmin, qmax, lower, upper);
+  }
+};
+
+// The fake-quantized activation; keep_float may be null (no element kept in float).
+template <typename scalar_t, typename T>
+struct FakeQuantizeActivationElement {
+  const scalar_t* input;
+  const bool* keep_float;
+  scalar_t* out;
+  ActivationGridRef<T> grid;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const bool keep = keep_float != nullptr && keep_float[i];
+    out[i] = scalar_t(fake_quantize_activation<T>(T(input[i]), keep, grid.get()));
+  }
+};
+
+// Its input gradient: dL/dx = dL/dy * dy/dx.
+template <typename scalar_t, typename T>
+struct FakeQuantizeActivationGradElement {
+  const scalar_t* grad_output;
+  const scalar_t* input;
+  const bool* keep_float;
+  scalar_t* grad_input;
+  ActivationGridRef<T> grid;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    T d_input, d_scale;
+    fake_quantize_activation_grad<T>(T(input[i]), keep_float != nullptr && keep_float[i], grid.get(), d_input,
+                                     d_scale);
+    grad_input[i] = scalar_t(T(grad_output[i]) * d_input);
+  }
+};
+
+// One term of its step gradient dL/ds = sum_i dL/dy_i * dy_i/ds, in double (the reductions add in double).
+template <typename scalar_t, typename T>
+struct ActivationScaleGradTerm {
+  const scalar_t* grad_output;
+  const scalar_t* input;
+  const bool* keep_float;
+  ActivationGridRef<T> grid;
+  C10_HOST_DEVICE double operator()(int64_t i) const {
+    T d_input, d_scale;
+    fake_quantize_activation_grad<T>(T(input[i]), keep_float != nullptr && keep_float[i], grid.get(), d_input,
+                                     d_scale);
+    return double(T(grad_output[i]) * d_scale);
+  }
+};
+
 // d/d(pre) of norm * (f_a(pre) - target)^2.
 template <typename T>
 struct ReconstructionGradElement {

@@ -4,6 +4,7 @@
 
 template struct adaround::device::RoundingKernels<adaround::device::HostLaunch>;
 template struct adaround::device::StepKernels<adaround::device::HostLaunch>;
+template struct adaround::device::ActivationQuantKernels<adaround::device::HostLaunch>;
 
 namespace adaround::emulation {
 

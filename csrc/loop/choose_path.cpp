@@ -11,9 +11,6 @@ namespace {
 // run as Winograd: below, transforming the weights each iteration outweighs the saved products.
 constexpr int64_t kWinogradMinChannels = 16;
 constexpr int64_t kWinogradMinPositions = 16;
-// Up to this many output positions per sample the unfolded cache's two GEMMs beat the convolution
-// library, whose setup dominates on tiny maps.
-constexpr int64_t kGemmMaxPositions = 16;
 // Up to this many output positions the weight gradient alone is one im2col GEMM per iteration
 // (the library's weight gradient is slow on tiny maps).
 constexpr int64_t kIm2colGradMaxPositions = 8;

@@ -22,6 +22,9 @@ namespace adaround::loop {
 // Largest cache, in elements, that a path copies into another layout (unfolded, channels-last,
 // Winograd-transformed); larger layers take the eager path, which reads the caches as they are.
 constexpr int64_t kMaxRelaidElements = int64_t(1) << 28;
+// Up to this many output positions per sample the unfolded cache's two GEMMs beat the convolution
+// library, whose setup dominates on tiny maps (block reconstruction's 1x1 convolutions follow it).
+constexpr int64_t kGemmMaxPositions = 16;
 
 // What every path is built from, filled once by the loop. References live as long as the loop.
 struct PathInputs {

@@ -112,6 +112,7 @@ PYBIND11_MODULE(_C, m) {
       "schedule_table", [](const pybind11::kwargs& given) { return adaround::schedule_table(read_optimize_options(given)); },
       "optimize_layer's per-iteration scalars for these options (schedule.h): float64 [iterations, 4]");
   m.attr("adam_constants") = pybind11::make_tuple(adaround::kAdamBeta1, adaround::kAdamBeta2, adaround::kAdamEps);
+  m.attr("gemm_max_positions") = adaround::loop::kGemmMaxPositions;  // the unfolded GEMM path's bound
   m.attr("saturated_v") = adaround::kSaturatedV;  // |V| at which h(V) is exactly 0 or 1 (rounding_math.h)
   m.def("depthwise_weight_grad", &adaround::cpu::depthwise_weight_grad, pybind11::arg("grad_out"), pybind11::arg("x"),
         pybind11::arg("kernel_size"), pybind11::arg("stride"), pybind11::arg("padding"), pybind11::arg("dilation"),

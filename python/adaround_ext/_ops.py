@@ -21,6 +21,7 @@ __all__ = [
     "round_regularizer",
     "hard_quantize",
     "init_v",
+    "fake_quantize_activation",
     "rectified_sigmoid",
     "quant_range",
 ]
@@ -68,6 +69,17 @@ def hard_quantize(weight, scale, zero_point, quant_min, quant_max, axis=None, mo
 def init_v(weight, scale, axis=None):
     """V such that h(V) equals the fractional part of W/s (W~ == W inside the grid)."""
     return _lib.init_v(weight, scale, axis)
+
+
+def fake_quantize_activation(input, scale, zero_point, quant_min, quant_max, clamp_min=None, clamp_max=None,
+                             keep_float=None):
+    """An activation's per-tensor fake quantization as block reconstruction trains it: input clamped to
+    [clamp_min, clamp_max] (a fused ReLU/ReLU6; None: no bound), then s * (clip(round(x / s) + z,
+    quant_min, quant_max) - z), as torch.fake_quantize_per_tensor_affine; where the bool tensor
+    keep_float holds (QDrop), the clamped input itself. Differentiable in `input` (straight through
+    the rounding) and in `scale` (LSQ's gradient); scale and zero_point are one-element tensors."""
+    return _lib.fake_quantize_activation(input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max,
+                                         keep_float)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -226,6 +238,40 @@ def _regularizer_backward(ctx, grad_output):
 
 torch.library.register_autograd("adaround::round_regularizer", _regularizer_backward,
                                 setup_context=_regularizer_setup)
+
+
+@torch.library.register_fake("adaround::fake_quantize_activation")
+def _(input, scale, zero_point, quant_min, quant_max, clamp_min=None, clamp_max=None, keep_float=None):
+    _same_device("input", input, scale=scale, zero_point=zero_point, keep_float=keep_float)
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("adaround::fake_quantize_activation_backward")
+def _(grad_output, input, scale, zero_point, quant_min, quant_max, clamp_min=None, clamp_max=None, keep_float=None,
+      scale_grad=True):
+    _same_device("input", input, grad_output=grad_output, scale=scale, zero_point=zero_point, keep_float=keep_float)
+    return torch.empty_like(input), torch.empty_like(scale)
+
+
+def _fake_quantize_activation_setup(ctx, inputs, output):
+    input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max, keep_float = inputs
+    ctx.save_for_backward(input, scale, zero_point, keep_float)
+    ctx.grid = (quant_min, quant_max, clamp_min, clamp_max)
+
+
+def _fake_quantize_activation_backward(ctx, grad_output):
+    input, scale, zero_point, keep_float = ctx.saved_tensors
+    need_input, need_scale = ctx.needs_input_grad[:2]
+    grad_input, grad_scale = None, None
+    if need_input or need_scale:
+        grad_input, grad_scale = _lib.fake_quantize_activation_backward(grad_output, input, scale, zero_point,
+                                                                        *ctx.grid, keep_float, need_scale)
+    # The zero point and the grid are fixed; the mask is data.
+    return (grad_input if need_input else None), (grad_scale if need_scale else None), None, None, None, None, None, None
+
+
+torch.library.register_autograd("adaround::fake_quantize_activation", _fake_quantize_activation_backward,
+                                setup_context=_fake_quantize_activation_setup)
 
 
 @torch.library.register_fake("adaround::reconstruction_grad")

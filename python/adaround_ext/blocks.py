@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _C
-from ._ops import _compute_dtype, hard_quantize, init_v, rectified_sigmoid
+from ._ops import _compute_dtype, fake_quantize_activation, hard_quantize, init_v, rectified_sigmoid
 from .activation_ranges import RangeObserver, activation_grid
 from .layer_kinds import LAYER_KINDS
 from .live_taps import live_window
@@ -37,9 +37,9 @@ log = logging.getLogger("adaround_ext")
 BLOCK_TYPES = ("BasicBlock", "Bottleneck", "InvertedResidual")
 _ADDS = (operator.add, operator.iadd, torch.add)
 EVAL_CHUNK = 128  # samples per forward when the errors are measured on the whole cache
-# Output positions per sample up to which a 1x1 convolution runs as a matrix product (as optimize_layer's
-# unfolded GEMM path runs small maps).
-LINEAR_MAX_POSITIONS = 16
+# Output positions per sample up to which a 1x1 convolution runs as a matrix product: where
+# optimize_layer's unfolded GEMM path runs small maps.
+LINEAR_MAX_POSITIONS = _C.gemm_max_positions
 
 
 @dataclass
@@ -198,58 +198,30 @@ def block_module(model: nn.Module, block: Block) -> fx.GraphModule:
 class ReconstructionQuantizer(nn.Module):
     """A layer's per-tensor input quantizer during block reconstruction: fake quantization on the
     grid (scale, zero_point, quant_min, quant_max), the scale learnable (LSQ gradient), and with QDrop
-    each element kept in float with probability `drop` while training."""
+    each element kept in float with probability `drop` while training. `clamp` (lower, upper; None:
+    unbounded) is a ReLU or ReLU6 in front of it that reconstruction fused in (_fuse_clamps): one
+    pass over the activation each way instead of two."""
 
     def __init__(self, scale: float, zero_point: int, quant_min: int, quant_max: int, learn: bool, drop: float,
                  generator: Optional[torch.Generator], device):
         super().__init__()
-        # float32 of shape [1]: what torch's learnable fake quantization takes.
         self.scale = nn.Parameter(torch.tensor([float(scale)], device=device), requires_grad=learn)
         self.register_buffer("zero_point", torch.tensor([float(zero_point)], device=device))
         self.quant_min, self.quant_max, self.learn, self.drop = int(quant_min), int(quant_max), learn, float(drop)
         self.generator = generator
-
-    def quantize(self, x):
-        if self.learn:  # its kernels take float32 only
-            return torch._fake_quantize_learnable_per_tensor_affine(
-                x.float(), self.scale, self.zero_point, self.quant_min, self.quant_max, 1.0).to(x.dtype)
-        if x.is_cpu:
-            return FakeQuantize.apply(x, self.scale.detach(), self.zero_point, self.quant_min, self.quant_max)
-        return torch.fake_quantize_per_tensor_affine(x, self.scale.detach()[0], self.zero_point.int()[0],
-                                                     self.quant_min, self.quant_max)
+        self.clamp = (None, None)
 
     def forward(self, x):
-        quantized = self.quantize(x)
-        if not self.training or self.drop == 0.0:
-            return quantized
-        keep_float = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop
-        return torch.where(keep_float, x, quantized)
+        keep_float = None
+        if self.training and self.drop > 0.0:  # in x's memory layout: nothing is copied to match it
+            keep_float = torch.empty_like(x, dtype=torch.bool).bernoulli_(self.drop, generator=self.generator)
+        scale = self.scale if self.learn else self.scale.detach()
+        return fake_quantize_activation(x, scale, self.zero_point, self.quant_min, self.quant_max, *self.clamp,
+                                        keep_float)
 
     def grid(self):
         """(scale, zero_point, quant_min, quant_max) of the ActivationQuantizer this one becomes."""
         return self.scale.item(), int(self.zero_point.item()), self.quant_min, self.quant_max
-
-
-class FakeQuantize(torch.autograd.Function):
-    """torch.fake_quantize_per_tensor_affine's values and straight-through gradient (zero where the
-    input falls outside the grid) for finite input, in a few vectorised tensor ops: its CPU kernel is a
-    scalar loop. A NaN stays NaN (the kernel turns it into a code), so the loss shows it. scale and
-    zero_point: float32 tensors of one element."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, quant_min, quant_max):
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        # As the kernel: codes z + round-half-even(x * (1 / scale)), the reciprocal taken in float32
-        # and the codes in float64 for float64 input (else float32), and (code - z) * scale in float32.
-        codes = torch.round(x.to(dtype) * scale.reciprocal().to(dtype)).add_(zero_point.to(dtype))
-        inside = (codes >= quant_min) & (codes <= quant_max)
-        ctx.save_for_backward(inside)
-        return codes.clamp_(quant_min, quant_max).sub_(zero_point.to(dtype)).float().mul_(scale).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        inside, = ctx.saved_tensors
-        return grad * inside, None, None, None, None
 
 
 class SoftLayer(nn.Module):
@@ -459,6 +431,7 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
     quantizers = {}
     if activation_bits is not None:
         quantizers = _calibrated_quantizers(block_gm, soft_layers, inputs, config, activation_bits, seed, device)
+        _fuse_clamps(block_gm, soft_layers)
     block_gm.eval()  # the float block's own modules (dropout) as they computed the targets
     for quantizer in quantizers.values():
         quantizer.train()  # QDrop draws while learning; evaluation quantizes every element
@@ -600,6 +573,52 @@ def _calibrated_quantizers(block_gm, soft_layers, inputs, config, bits, seed, de
                                                    drop=config.activation_drop, generator=generator, device=device)
         soft_layers[name].input_quantizer = quantizers[name]
     return quantizers
+
+
+def _clamp_bounds(node: fx.Node, block_gm: fx.GraphModule):
+    """(lower, upper) of a ReLU, ReLU6 or Hardtanh applied to its first argument alone; else None."""
+    if node.op == "call_module":
+        module = block_gm.get_submodule(node.target)
+        if type(module) is nn.ReLU:
+            return 0.0, None
+        if isinstance(module, nn.Hardtanh):  # ReLU6 included
+            return float(module.min_val), float(module.max_val)
+    if node.op == "call_function" and len(node.args) == 1 and set(node.kwargs) <= {"inplace"}:
+        if node.target in (F.relu, torch.relu):
+            return 0.0, None
+        if node.target is F.relu6:
+            return 0.0, 6.0
+    return None
+
+
+def _fuse_clamps(block_gm: fx.GraphModule, soft_layers: Dict[str, SoftLayer]):
+    """Moves a ReLU/ReLU6 that feeds only a quantized layer of the block into that layer's input
+    quantizer, which clamps before it quantizes: the same values and straight-through gradients in
+    one pass each way instead of two. Only where nothing else reads the activation before or after
+    the clamp (an in-place ReLU changes what other readers of its input see), and the layer runs
+    once per pass (the quantizer is the layer's, not the call's)."""
+    calls = {}
+    for node in block_gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    fused = False
+    for node in list(block_gm.graph.nodes):
+        layer = soft_layers.get(node.target) if node.op == "call_module" else None
+        if layer is None or layer.input_quantizer is None or calls[node.target] != 1 or len(node.args) != 1:
+            continue
+        source = node.args[0]
+        if not isinstance(source, fx.Node) or len(source.users) != 1:
+            continue
+        bounds = _clamp_bounds(source, block_gm)
+        inner = source.args[0] if source.args else None
+        if bounds is None or not isinstance(inner, fx.Node) or len(inner.users) != 1:
+            continue
+        node.replace_input_with(source, inner)
+        block_gm.graph.erase_node(source)
+        layer.input_quantizer.clamp = bounds
+        fused = True
+    if fused:
+        block_gm.recompile()
 
 
 def block_error(block_gm, inputs, targets, device, channel_dim: int) -> float:

@@ -1,0 +1,76 @@
+#include "activation_quant.h"
+
+#include <cmath>
+#include <limits>
+
+#include "grid.h"
+
+namespace adaround {
+
+namespace {
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(t.device() == input.device(), name, " is on ", t.device(), " but input is on ", input.device());
+}
+
+// `t` with the strides of `like` (a dense tensor of the same shape): as given when they match.
+at::Tensor laid_out_as(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) return t;
+  return at::empty_like(like, t.options()).copy_(t);
+}
+
+}  // namespace
+
+ActivationQuantCall prepare_activation_quant(const at::Tensor& input, const at::Tensor& scale,
+                                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                                             std::optional<double> clamp_min, std::optional<double> clamp_max,
+                                             const std::optional<at::Tensor>& keep_float,
+                                             const std::optional<at::Tensor>& grad_output) {
+  TORCH_CHECK(input.is_floating_point(), "input must be a floating-point tensor, got ", input.scalar_type());
+  TORCH_CHECK(scale.is_floating_point(), "scale must be a floating-point tensor, got ", scale.scalar_type());
+  TORCH_CHECK(scale.numel() == 1, "scale must have one element (a per-tensor grid), got shape ", scale.sizes());
+  TORCH_CHECK(zero_point.numel() == 1, "zero_point must have one element, got shape ", zero_point.sizes());
+  TORCH_CHECK(!zero_point.is_complex() && zero_point.scalar_type() != at::kBool,
+              "zero_point must be a real number, got ", zero_point.scalar_type());
+  check_same_device(scale, "scale", input);
+  check_same_device(zero_point, "zero_point", input);
+  check_quant_range(quant_min, quant_max);
+  const double lower = clamp_min.value_or(-std::numeric_limits<double>::infinity());
+  const double upper = clamp_max.value_or(std::numeric_limits<double>::infinity());
+  TORCH_CHECK(!std::isnan(lower) && !std::isnan(upper), "clamp_min and clamp_max must not be NaN");
+  TORCH_CHECK(lower < upper, "clamp_min (", lower, ") must be smaller than clamp_max (", upper, ")");
+  if (keep_float.has_value()) {
+    TORCH_CHECK(keep_float->scalar_type() == at::kBool, "keep_float must be a bool tensor, got ",
+                keep_float->scalar_type());
+    TORCH_CHECK(keep_float->sizes() == input.sizes(), "keep_float must have the shape of input ", input.sizes(),
+                ", got ", keep_float->sizes());
+    check_same_device(*keep_float, "keep_float", input);
+  }
+  if (grad_output.has_value()) {
+    TORCH_CHECK(grad_output->sizes() == input.sizes(), "grad_output must have the shape of input ", input.sizes(),
+                ", got ", grad_output->sizes());
+    TORCH_CHECK(grad_output->scalar_type() == input.scalar_type(), "grad_output must be ", input.scalar_type(),
+                " as input, got ", grad_output->scalar_type());
+    check_same_device(*grad_output, "grad_output", input);
+  }
+  ActivationQuantCall call;
+  call.scale = scale.to(at::kFloat).reshape({1}).contiguous();
+  call.zero_point = zero_point.to(at::kFloat).reshape({1}).contiguous();
+  if (input.is_cpu()) {  // reading GPU memory would synchronise every call
+    const float s = call.scale.item<float>(), z = call.zero_point.item<float>();
+    TORCH_CHECK(std::isfinite(s) && s > 0, "scale must be positive and finite, got ", s);
+    TORCH_CHECK(z == std::nearbyint(z) && z >= quant_min && z <= quant_max,
+                "zero_point must be an integer inside [quant_min, quant_max] = [", quant_min, ", ", quant_max,
+                "], got ", z);
+  }
+  call.input = input.is_non_overlapping_and_dense() ? input : input.contiguous();
+  if (keep_float.has_value()) call.keep_float = laid_out_as(*keep_float, call.input);
+  if (grad_output.has_value()) call.grad_output = laid_out_as(*grad_output, call.input);
+  call.qmin = quant_min;
+  call.qmax = quant_max;
+  call.lower = lower;
+  call.upper = upper;
+  return call;
+}
+
+}  // namespace adaround

@@ -1,0 +1,40 @@
+// Argument checks and operand layout of the activation fake-quantization ops (schemas in
+// csrc/activation_ops.cpp), shared by every back end.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "rounding_math.h"
+
+namespace adaround {
+
+// One call once its arguments passed their checks. The input is used as given when its memory is
+// dense in any stride order (channels-last activations are not copied), else made contiguous;
+// keep_float and grad_output (when given) are laid out as the input, so element i of each is the
+// same element; the step and zero point are float32 [1] on the input's device.
+struct ActivationQuantCall {
+  at::Tensor input;
+  at::Tensor keep_float;   // bool, or undefined
+  at::Tensor grad_output;  // the input's dtype, or undefined
+  at::Tensor scale, zero_point;
+  int64_t qmin = 0, qmax = 0;
+  double lower = 0, upper = 0;  // the clamp, +-inf where none was given
+
+  // The grid with its step and zero point read from CPU memory (the CPU kernels only).
+  template <typename T>
+  ActivationGrid<T> grid_on_host() const {
+    return activation_grid<T>(scale.item<float>(), zero_point.item<float>(), T(qmin), T(qmax), T(lower), T(upper));
+  }
+};
+
+// Checks every argument (errors name it); the values of scale (positive, finite) and zero_point
+// (an integer in [quant_min, quant_max]) only where they are in CPU memory, as make_grid does.
+ActivationQuantCall prepare_activation_quant(const at::Tensor& input, const at::Tensor& scale,
+                                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                                             std::optional<double> clamp_min, std::optional<double> clamp_max,
+                                             const std::optional<at::Tensor>& keep_float,
+                                             const std::optional<at::Tensor>& grad_output = std::nullopt);
+
+}  // namespace adaround

@@ -1,0 +1,82 @@
+// The activation fake-quantization ops of a device back end (schemas in csrc/activation_ops.cpp):
+// checks and layouts from activation_quant.h, dtype dispatch, and the element bodies of
+// element_kernels.h, instantiated with CudaLaunch (cuda/activation_kernels.cu) on the GPU and
+// HostLaunch (emulation.cpp) on the CPU for tests.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../activation_quant.h"
+#include "element_kernels.h"
+#include "rounding_ops_impl.h"
+
+namespace adaround::device {
+
+template <typename T>
+ActivationGridRef<T> activation_grid_ref(const ActivationQuantCall& call) {
+  return {call.scale.const_data_ptr<float>(), call.zero_point.const_data_ptr<float>(), T(call.qmin), T(call.qmax),
+          T(call.lower), T(call.upper)};
+}
+
+template <typename Launch>
+struct ActivationQuantKernels {
+  using Tensor = at::Tensor;
+  template <typename scalar_t>
+  using opmath_t = at::opmath_type<scalar_t>;
+
+  static Tensor fake_quantize_activation(const Tensor& input, const Tensor& scale, const Tensor& zero_point,
+                                         int64_t quant_min, int64_t quant_max, std::optional<double> clamp_min,
+                                         std::optional<double> clamp_max, const std::optional<Tensor>& keep_float) {
+    const ActivationQuantCall call =
+        prepare_activation_quant(input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max, keep_float);
+    [[maybe_unused]] const auto guard = on_device_of<Launch>(call.input, "input");
+    Tensor out = at::empty_like(call.input);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.input.scalar_type(), "fake_quantize_activation", [&] {
+      using T = opmath_t<scalar_t>;
+      Launch::elementwise(call.input.numel(), FakeQuantizeActivationElement<scalar_t, T>{
+                                                  call.input.const_data_ptr<scalar_t>(), keep_pointer(call),
+                                                  out.mutable_data_ptr<scalar_t>(), activation_grid_ref<T>(call)});
+    });
+    return out;
+  }
+
+  static std::tuple<Tensor, Tensor> fake_quantize_activation_backward(
+      const Tensor& grad_output, const Tensor& input, const Tensor& scale, const Tensor& zero_point,
+      int64_t quant_min, int64_t quant_max, std::optional<double> clamp_min, std::optional<double> clamp_max,
+      const std::optional<Tensor>& keep_float, bool scale_grad) {
+    const ActivationQuantCall call = prepare_activation_quant(input, scale, zero_point, quant_min, quant_max,
+                                                              clamp_min, clamp_max, keep_float, grad_output);
+    [[maybe_unused]] const auto guard = on_device_of<Launch>(call.input, "input");
+    Tensor grad_input = at::empty_like(call.input);
+    Tensor grad_scale = at::zeros_like(scale);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, call.input.scalar_type(), "fake_quantize_activation_backward", [&] {
+          using T = opmath_t<scalar_t>;
+          const scalar_t* g = call.grad_output.const_data_ptr<scalar_t>();
+          const scalar_t* x = call.input.const_data_ptr<scalar_t>();
+          Launch::elementwise(call.input.numel(), FakeQuantizeActivationGradElement<scalar_t, T>{
+                                                      g, x, keep_pointer(call), grad_input.mutable_data_ptr<scalar_t>(),
+                                                      activation_grid_ref<T>(call)});
+          if (scale_grad) {
+            const Tensor total = Launch::sum(
+                call.input.numel(),
+                ActivationScaleGradTerm<scalar_t, T>{g, x, keep_pointer(call), activation_grid_ref<T>(call)},
+                call.input.options());
+            grad_scale.copy_(total.reshape(grad_scale.sizes()));  // on the device: no synchronisation
+          }
+        });
+    return {grad_input, grad_scale};
+  }
+
+ private:
+  static const bool* keep_pointer(const ActivationQuantCall& call) {
+    return call.keep_float.defined() ? call.keep_float.const_data_ptr<bool>() : nullptr;
+  }
+};
+
+}  // namespace adaround::device

@@ -1,7 +1,8 @@
 """Block reconstruction's activation quantizer, forward and backward, on MobileNetV2's activation shapes
 (testbed inputs 32x32, batch 32): PyTorch's own composition (relu6, then torch's fake quantization,
 learnable for learned steps, torch.where over a random mask for QDrop) against the fused
-torch.ops.adaround.fake_quantize_activation (clamp, grid, mask and both gradients in one pass each way).
+torch.ops.adaround.fake_quantize_activation (clamp, grid, QDrop's draws and both gradients in one pass
+each way).
 
     PYTHONPATH=python .venv/bin/python benchmarks/bench_activation_quant.py [--device cuda]
 """
@@ -34,11 +35,11 @@ def torch_quantizer(variant, scale, zero_point, generator):
 
 def fused_quantizer(variant, scale, zero_point, generator):
     def run(x):
-        keep = None
-        if variant == "learned step + QDrop":
-            keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.5, generator=generator)
+        drop, seed = 0.0, 0
+        if variant == "learned step + QDrop":  # as ReconstructionQuantizer draws its seeds
+            drop, seed = 0.5, int(torch.randint(2**62, (), generator=generator))
         step = scale.detach() if variant == "fixed step" else scale
-        return fake_quantize_activation(x, step, zero_point, QMIN, QMAX, 0.0, 6.0, keep)
+        return fake_quantize_activation(x, step, zero_point, QMIN, QMAX, 0.0, 6.0, drop, seed)
     return run
 
 
@@ -57,7 +58,8 @@ def main():
             for make in (torch_quantizer, fused_quantizer):
                 scale = torch.tensor([6.0 / QMAX], device=device, requires_grad=variant != "fixed step")
                 zero_point = torch.tensor([float(ZERO_POINT)], device=device)
-                quantize = make(variant, scale, zero_point, torch.Generator(device=device).manual_seed(0))
+                generator = torch.Generator(device=device if make is torch_quantizer else "cpu").manual_seed(0)
+                quantize = make(variant, scale, zero_point, generator)
                 inputs = (x, scale) if scale.requires_grad else (x,)
                 step = lambda: torch.autograd.grad(quantize(x), inputs, grad)  # noqa: E731
                 times.append(median_time(lambda: [step() for _ in range(20)], device) / 20)

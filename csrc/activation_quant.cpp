@@ -24,7 +24,7 @@ at::Tensor laid_out_as(const at::Tensor& t, const at::Tensor& like) {
 ActivationQuantCall prepare_activation_quant(const at::Tensor& input, const at::Tensor& scale,
                                              const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                                              std::optional<double> clamp_min, std::optional<double> clamp_max,
-                                             const std::optional<at::Tensor>& keep_float,
+                                             double drop_probability, int64_t drop_seed,
                                              const std::optional<at::Tensor>& grad_output) {
   TORCH_CHECK(input.is_floating_point(), "input must be a floating-point tensor, got ", input.scalar_type());
   TORCH_CHECK(scale.is_floating_point(), "scale must be a floating-point tensor, got ", scale.scalar_type());
@@ -39,13 +39,10 @@ ActivationQuantCall prepare_activation_quant(const at::Tensor& input, const at::
   const double upper = clamp_max.value_or(std::numeric_limits<double>::infinity());
   TORCH_CHECK(!std::isnan(lower) && !std::isnan(upper), "clamp_min and clamp_max must not be NaN");
   TORCH_CHECK(lower < upper, "clamp_min (", lower, ") must be smaller than clamp_max (", upper, ")");
-  if (keep_float.has_value()) {
-    TORCH_CHECK(keep_float->scalar_type() == at::kBool, "keep_float must be a bool tensor, got ",
-                keep_float->scalar_type());
-    TORCH_CHECK(keep_float->sizes() == input.sizes(), "keep_float must have the shape of input ", input.sizes(),
-                ", got ", keep_float->sizes());
-    check_same_device(*keep_float, "keep_float", input);
-  }
+  TORCH_CHECK(drop_probability >= 0.0 && drop_probability <= 1.0, "drop_probability must lie in [0, 1], got ",
+              drop_probability);
+  TORCH_CHECK(drop_probability == 0.0 || input.numel() <= (int64_t(1) << 32),
+              "drop_probability > 0 draws over at most 2^32 elements, input has ", input.numel());
   if (grad_output.has_value()) {
     TORCH_CHECK(grad_output->sizes() == input.sizes(), "grad_output must have the shape of input ", input.sizes(),
                 ", got ", grad_output->sizes());
@@ -64,12 +61,15 @@ ActivationQuantCall prepare_activation_quant(const at::Tensor& input, const at::
                 "], got ", z);
   }
   call.input = input.is_non_overlapping_and_dense() ? input : input.contiguous();
-  if (keep_float.has_value()) call.keep_float = laid_out_as(*keep_float, call.input);
   if (grad_output.has_value()) call.grad_output = laid_out_as(*grad_output, call.input);
   call.qmin = quant_min;
   call.qmax = quant_max;
+  // The bounds in the compute type (float for half inputs), as hardtanh's backward compares them.
   call.lower = lower;
   call.upper = upper;
+  const uint64_t seed = static_cast<uint64_t>(drop_seed);
+  call.drop.key = mix32(uint32_t(seed) ^ mix32(uint32_t(seed >> 32)));
+  call.drop.threshold = static_cast<uint64_t>(std::llround(drop_probability * 4294967296.0));
   return call;
 }
 

@@ -12,12 +12,12 @@ namespace adaround {
 
 // One call once its arguments passed their checks. The input is used as given when its memory is
 // dense in any stride order (channels-last activations are not copied), else made contiguous;
-// keep_float and grad_output (when given) are laid out as the input, so element i of each is the
-// same element; the step and zero point are float32 [1] on the input's device.
+// grad_output (when given) is laid out as the input, so element i of each is the same element; the
+// step and zero point are float32 [1] on the input's device.
 struct ActivationQuantCall {
   at::Tensor input;
-  at::Tensor keep_float;   // bool, or undefined
   at::Tensor grad_output;  // the input's dtype, or undefined
+  QDropDraw drop;          // over element positions in the input's memory
   at::Tensor scale, zero_point;
   int64_t qmin = 0, qmax = 0;
   double lower = 0, upper = 0;  // the clamp, +-inf where none was given
@@ -34,7 +34,7 @@ struct ActivationQuantCall {
 ActivationQuantCall prepare_activation_quant(const at::Tensor& input, const at::Tensor& scale,
                                              const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                                              std::optional<double> clamp_min, std::optional<double> clamp_max,
-                                             const std::optional<at::Tensor>& keep_float,
+                                             double drop_probability, int64_t drop_seed,
                                              const std::optional<at::Tensor>& grad_output = std::nullopt);
 
 }  // namespace adaround

@@ -9,6 +9,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <cstdint>
 
 namespace adaround {
 
@@ -222,6 +223,28 @@ C10_HOST_DEVICE inline ActivationGrid<T> activation_grid(float scale, float zero
                                                          T upper) {
   return {T(scale), T(1.0f / scale), T(zero_point), qmin, qmax, lower, upper};
 }
+
+// QDrop's draws (which elements keep their float value) are counter-based: a hash of the element's
+// position in memory and the call's key. Every back end draws the same elements, and the backward
+// redraws the forward's without a stored mask. The hash is lowbias32 (C. Wellons' integer-hash
+// search): every input bit flips every output bit with probability close to 1/2.
+C10_HOST_DEVICE inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+struct QDropDraw {
+  uint32_t key = 0;
+  uint64_t threshold = 0;  // round(p * 2^32): 0 keeps no element, 2^32 keeps every one
+  // Whether element `index` (< 2^32) keeps its float value.
+  C10_HOST_DEVICE bool keeps(int64_t index) const {
+    return uint64_t(mix32(uint32_t(index) ^ key)) < threshold;
+  }
+};
 
 // y = x clamped to [lower, upper], then s * (clip(nearest(y / s) + z, qmin, qmax) - z); where
 // `keep_float` holds (QDrop), y itself. A NaN input stays NaN.

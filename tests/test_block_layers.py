@@ -63,11 +63,6 @@ def test_direct_depthwise_gradient_is_taken_where_it_is_faster():
         _C.set_cuda_emulation(False)
 
 
-def test_a_1x1_convolution_runs_as_a_matrix_product_up_to_the_per_layer_loops_bound():
-    from adaround_ext import blocks
-
-    assert blocks.LINEAR_MAX_POSITIONS == _C.gemm_max_positions > 0
-
 
 @pytest.mark.parametrize("grad_shape, x_shape, message", [
     ((2, 8, 2, 2), (2, 4, 2, 2), "does not match the output"),  # 3x3, padding 0 leaves no output

@@ -250,15 +250,16 @@ def test_block_rounding_equals_plain_pytorch_step_by_step(monkeypatch, activatio
 
 
 class ReadsTheRelu(nn.Module):
-    """ResBlock's layers, with the hidden ReLU's output or input read once more by the residual sum."""
+    """ResBlock's layers, with the hidden activation's output or input read once more by the residual sum."""
 
-    def __init__(self, block: ResBlock, reads: str):
+    def __init__(self, block: ResBlock, reads: str, activation: nn.Module):
         super().__init__()
         self.conv1, self.conv2, self.relu, self.reads = block.conv1, block.conv2, block.relu, reads
+        self.activation = activation
 
     def forward(self, x):
         h = self.conv1(x)
-        r = self.relu(h)
+        r = self.activation(h)
         out = x + self.conv2(r)
         if self.reads == "relu output":
             out = out + r
@@ -267,11 +268,17 @@ class ReadsTheRelu(nn.Module):
         return self.relu(out)
 
 
-@pytest.mark.parametrize("reads, fused", [("once", True), ("relu output", False), ("relu input", False)])
-def test_a_relu_read_only_by_a_quantized_layer_is_fused_into_its_quantizer(monkeypatch, reads, fused):
-    """The ReLU goes into conv2's input quantizer (a clamp before the grid) only where nothing else
-    reads its output or input; fused or not, the block learns the same rounding bit for bit."""
-    model, block, layers, inputs, targets = block_setup(variant=lambda b: ReadsTheRelu(b, reads))
+@pytest.mark.parametrize("reads, activation, fused", [
+    ("once", nn.ReLU(), True), ("once", nn.ReLU(inplace=True), True), ("once", nn.ReLU6(inplace=True), True),
+    ("relu output", nn.ReLU(), False),
+    ("relu input", nn.ReLU(), True),  # not in place: the input is unchanged for its other reader
+    ("relu input", nn.ReLU(inplace=True), False),  # in place: the other reader sees the clamped values
+])
+def test_a_relu_read_only_by_a_quantized_layer_is_fused_into_its_quantizer(monkeypatch, reads, activation, fused):
+    """The activation goes into conv2's input quantizer (a clamp before the grid) only where nothing
+    else reads its output, nor, when in place, its input; fused or not, the block learns the same
+    rounding bit for bit."""
+    model, block, layers, inputs, targets = block_setup(variant=lambda b: ReadsTheRelu(b, reads, activation))
     config = ae.QuantConfig(iterations=8, batch_size=8, activation_range="minmax", activation_bits=4)
     seen = {}
     fuse = blocks_mod._fuse_clamps
@@ -284,7 +291,8 @@ def test_a_relu_read_only_by_a_quantized_layer_is_fused_into_its_quantizer(monke
     result = reconstruct_block(block_module(model, block), layers, inputs, targets, config, seed=7, activation_bits=4)
     conv2 = next(node for node in seen["graph"].nodes if node.target == "block1.conv2")
     assert (conv2.args[0].target == "block1.conv1") == fused
-    assert seen["soft_layers"]["block1.conv2"].input_quantizer.clamp == ((0.0, None) if fused else (None, None))
+    bounds = (0.0, 6.0) if isinstance(activation, nn.ReLU6) else (0.0, None)
+    assert seen["soft_layers"]["block1.conv2"].input_quantizer.clamp == (bounds if fused else (None, None))
     monkeypatch.setattr(blocks_mod, "_fuse_clamps", lambda block_gm, soft_layers: None)
     unfused = reconstruct_block(block_module(model, block), layers, inputs, targets, config, seed=7,
                                 activation_bits=4)

@@ -5,7 +5,9 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include <functional>
+#include <algorithm>
+#include <limits>
+#include <vector>
 
 #include "../activation_quant.h"
 #include "../device/emulation.h"
@@ -27,23 +29,35 @@ ActivationGrid<FloatVec> broadcast(const ActivationGrid<T>& g) {
           FloatVec(float(g.upper))};
 }
 
-// QDrop's mask for the FloatVec::size() elements from i, as VecOps masks (all-ones lanes where kept).
-FloatVec keep_lanes(const bool* keep_float, int64_t i) {
-  if (keep_float == nullptr) return FloatVec(0.0f);
+// QDropDraw::keeps for the FloatVec::size() elements from i, as a VecOps mask (all-ones lanes where
+// kept): mix32 on AVX2 integer lanes, the scalar draw elsewhere.
+FloatVec keep_lanes(const QDropDraw& drop, int64_t i) {
+  if (drop.threshold == 0) return FloatVec(0.0f);
+  if (drop.threshold > 0xffffffffULL) return FloatVec(0.0f) == FloatVec(0.0f);
+#if defined(CPU_CAPABILITY_AVX2)
+  const auto shift_xor = [](__m256i x, int bits) { return _mm256_xor_si256(x, _mm256_srli_epi32(x, bits)); };
+  __m256i x = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(i))),
+                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  x = _mm256_xor_si256(x, _mm256_set1_epi32(static_cast<int32_t>(drop.key)));
+  x = _mm256_mullo_epi32(shift_xor(x, 16), _mm256_set1_epi32(static_cast<int32_t>(0x7feb352dU)));
+  x = _mm256_mullo_epi32(shift_xor(x, 15), _mm256_set1_epi32(static_cast<int32_t>(0x846ca68bU)));
+  x = shift_xor(x, 16);
+  // Unsigned x < threshold as a signed comparison, both sides offset by 2^31.
+  const __m256i offset = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
+  const __m256i threshold = _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(drop.threshold)));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_xor_si256(threshold, offset), _mm256_xor_si256(x, offset)));
+#else
   float lanes[FloatVec::size()];
-  for (int64_t k = 0; k < FloatVec::size(); ++k) lanes[k] = keep_float[i + k] ? 1.0f : 0.0f;
+  for (int64_t k = 0; k < FloatVec::size(); ++k) lanes[k] = drop.keeps(i + k) ? 1.0f : 0.0f;
   return FloatVec::loadu(lanes) != FloatVec(0.0f);
-}
-
-const bool* keep_pointer(const ActivationQuantCall& call) {
-  return call.keep_float.defined() ? call.keep_float.const_data_ptr<bool>() : nullptr;
+#endif
 }
 
 Tensor fake_quantize_activation_cpu(const Tensor& input, const Tensor& scale, const Tensor& zero_point,
                                     int64_t quant_min, int64_t quant_max, std::optional<double> clamp_min,
-                                    std::optional<double> clamp_max, const std::optional<Tensor>& keep_float) {
-  const ActivationQuantCall call =
-      prepare_activation_quant(input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max, keep_float);
+                                    std::optional<double> clamp_max, double drop_probability, int64_t drop_seed) {
+  const ActivationQuantCall call = prepare_activation_quant(input, scale, zero_point, quant_min, quant_max, clamp_min,
+                                                            clamp_max, drop_probability, drop_seed);
   Tensor out = at::empty_like(call.input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.input.scalar_type(), "fake_quantize_activation_cpu",
                                   [&] {
@@ -51,19 +65,19 @@ Tensor fake_quantize_activation_cpu(const Tensor& input, const Tensor& scale, co
     const ActivationGrid<T> grid = call.grid_on_host<T>();
     const ActivationGrid<FloatVec> grid_vec = broadcast(grid);
     const scalar_t* x = call.input.const_data_ptr<scalar_t>();
-    const bool* keep = keep_pointer(call);
+    const QDropDraw drop = call.drop;
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, call.input.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
       vectorized_run<scalar_t>(
           begin, end,
           [&](int64_t i) {
             if constexpr (std::is_same_v<scalar_t, float>) {
-              fake_quantize_activation<FloatVec, VecOps>(FloatVec::loadu(x + i), keep_lanes(keep, i), grid_vec)
+              fake_quantize_activation<FloatVec, VecOps>(FloatVec::loadu(x + i), keep_lanes(drop, i), grid_vec)
                   .store(y + i);
             }
           },
           [&](int64_t i) {
-            y[i] = scalar_t(fake_quantize_activation<T>(T(x[i]), keep != nullptr && keep[i], grid));
+            y[i] = scalar_t(fake_quantize_activation<T>(T(x[i]), drop.keeps(i), grid));
           });
     });
   });
@@ -72,10 +86,10 @@ Tensor fake_quantize_activation_cpu(const Tensor& input, const Tensor& scale, co
 
 std::tuple<Tensor, Tensor> fake_quantize_activation_backward_cpu(
     const Tensor& grad_output, const Tensor& input, const Tensor& scale, const Tensor& zero_point, int64_t quant_min,
-    int64_t quant_max, std::optional<double> clamp_min, std::optional<double> clamp_max,
-    const std::optional<Tensor>& keep_float, bool scale_grad) {
+    int64_t quant_max, std::optional<double> clamp_min, std::optional<double> clamp_max, double drop_probability,
+    int64_t drop_seed, bool scale_grad) {
   const ActivationQuantCall call = prepare_activation_quant(input, scale, zero_point, quant_min, quant_max, clamp_min,
-                                                            clamp_max, keep_float, grad_output);
+                                                            clamp_max, drop_probability, drop_seed, grad_output);
   Tensor grad_input = at::empty_like(call.input);
   double total = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -85,38 +99,42 @@ std::tuple<Tensor, Tensor> fake_quantize_activation_backward_cpu(
         const ActivationGrid<FloatVec> grid_vec = broadcast(grid);
         const scalar_t* g = call.grad_output.const_data_ptr<scalar_t>();
         const scalar_t* x = call.input.const_data_ptr<scalar_t>();
-        const bool* keep = keep_pointer(call);
+        const QDropDraw drop = call.drop;
         scalar_t* gx = grad_input.mutable_data_ptr<scalar_t>();
-        // The step's gradient summed in double per chunk, then over chunks: independent of the thread count.
-        total = at::parallel_reduce(
-            0, call.input.numel(), kGrainSize, 0.0,
-            [&](int64_t begin, int64_t end, double acc) {
-              double local = 0.0;
-              vectorized_run<scalar_t>(
-                  begin, end,
-                  [&](int64_t i) {
-                    if constexpr (std::is_same_v<scalar_t, float>) {
-                      FloatVec d_input, d_scale;
-                      fake_quantize_activation_grad<FloatVec, VecOps>(FloatVec::loadu(x + i), keep_lanes(keep, i),
-                                                                      grid_vec, d_input, d_scale);
-                      const FloatVec gv = FloatVec::loadu(g + i);
-                      (gv * d_input).store(gx + i);
-                      if (scale_grad) {
-                        float lanes[FloatVec::size()];
-                        (gv * d_scale).store(lanes);
-                        for (const float term : lanes) local += term;
-                      }
+        // The step's gradient summed in double over fixed chunks, then over the chunks in order: the
+        // same sum on any number of threads (parallel_reduce splits by thread).
+        const int64_t numel = call.input.numel();
+        std::vector<double> chunk_sums(std::max<int64_t>(1, (numel + kGrainSize - 1) / kGrainSize), 0.0);
+        at::parallel_for(0, int64_t(chunk_sums.size()), 1, [&](int64_t first, int64_t last) {
+          for (int64_t chunk = first; chunk < last; ++chunk) {
+            const int64_t begin = chunk * kGrainSize, end = std::min(numel, begin + kGrainSize);
+            double local = 0.0;
+            vectorized_run<scalar_t>(
+                begin, end,
+                [&](int64_t i) {
+                  if constexpr (std::is_same_v<scalar_t, float>) {
+                    FloatVec d_input, d_scale;
+                    fake_quantize_activation_grad<FloatVec, VecOps>(FloatVec::loadu(x + i), keep_lanes(drop, i),
+                                                                    grid_vec, d_input, d_scale);
+                    const FloatVec gv = FloatVec::loadu(g + i);
+                    (gv * d_input).store(gx + i);
+                    if (scale_grad) {
+                      float lanes[FloatVec::size()];
+                      (gv * d_scale).store(lanes);
+                      for (const float term : lanes) local += term;
                     }
-                  },
-                  [&](int64_t i) {
-                    T d_input, d_scale;
-                    fake_quantize_activation_grad<T>(T(x[i]), keep != nullptr && keep[i], grid, d_input, d_scale);
-                    gx[i] = scalar_t(T(g[i]) * d_input);
-                    if (scale_grad) local += double(T(g[i]) * d_scale);
-                  });
-              return acc + local;
-            },
-            std::plus<double>());
+                  }
+                },
+                [&](int64_t i) {
+                  T d_input, d_scale;
+                  fake_quantize_activation_grad<T>(T(x[i]), drop.keeps(i), grid, d_input, d_scale);
+                  gx[i] = scalar_t(T(g[i]) * d_input);
+                  if (scale_grad) local += double(T(g[i]) * d_scale);
+                });
+            chunk_sums[chunk] = local;
+          }
+        });
+        for (const double chunk_sum : chunk_sums) total += chunk_sum;
       });
   return {grad_input, at::full_like(scale, scale_grad ? total : 0.0)};
 }

@@ -31,15 +31,16 @@ struct ActivationQuantKernels {
 
   static Tensor fake_quantize_activation(const Tensor& input, const Tensor& scale, const Tensor& zero_point,
                                          int64_t quant_min, int64_t quant_max, std::optional<double> clamp_min,
-                                         std::optional<double> clamp_max, const std::optional<Tensor>& keep_float) {
-    const ActivationQuantCall call =
-        prepare_activation_quant(input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max, keep_float);
+                                         std::optional<double> clamp_max, double drop_probability,
+                                         int64_t drop_seed) {
+    const ActivationQuantCall call = prepare_activation_quant(input, scale, zero_point, quant_min, quant_max, clamp_min,
+                                                              clamp_max, drop_probability, drop_seed);
     [[maybe_unused]] const auto guard = on_device_of<Launch>(call.input, "input");
     Tensor out = at::empty_like(call.input);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.input.scalar_type(), "fake_quantize_activation", [&] {
       using T = opmath_t<scalar_t>;
       Launch::elementwise(call.input.numel(), FakeQuantizeActivationElement<scalar_t, T>{
-                                                  call.input.const_data_ptr<scalar_t>(), keep_pointer(call),
+                                                  call.input.const_data_ptr<scalar_t>(), call.drop,
                                                   out.mutable_data_ptr<scalar_t>(), activation_grid_ref<T>(call)});
     });
     return out;
@@ -48,9 +49,10 @@ struct ActivationQuantKernels {
   static std::tuple<Tensor, Tensor> fake_quantize_activation_backward(
       const Tensor& grad_output, const Tensor& input, const Tensor& scale, const Tensor& zero_point,
       int64_t quant_min, int64_t quant_max, std::optional<double> clamp_min, std::optional<double> clamp_max,
-      const std::optional<Tensor>& keep_float, bool scale_grad) {
+      double drop_probability, int64_t drop_seed, bool scale_grad) {
     const ActivationQuantCall call = prepare_activation_quant(input, scale, zero_point, quant_min, quant_max,
-                                                              clamp_min, clamp_max, keep_float, grad_output);
+                                                              clamp_min, clamp_max, drop_probability, drop_seed,
+                                                              grad_output);
     [[maybe_unused]] const auto guard = on_device_of<Launch>(call.input, "input");
     Tensor grad_input = at::empty_like(call.input);
     Tensor grad_scale = at::zeros_like(scale);
@@ -60,22 +62,17 @@ struct ActivationQuantKernels {
           const scalar_t* g = call.grad_output.const_data_ptr<scalar_t>();
           const scalar_t* x = call.input.const_data_ptr<scalar_t>();
           Launch::elementwise(call.input.numel(), FakeQuantizeActivationGradElement<scalar_t, T>{
-                                                      g, x, keep_pointer(call), grad_input.mutable_data_ptr<scalar_t>(),
+                                                      g, x, call.drop, grad_input.mutable_data_ptr<scalar_t>(),
                                                       activation_grid_ref<T>(call)});
           if (scale_grad) {
             const Tensor total = Launch::sum(
                 call.input.numel(),
-                ActivationScaleGradTerm<scalar_t, T>{g, x, keep_pointer(call), activation_grid_ref<T>(call)},
+                ActivationScaleGradTerm<scalar_t, T>{g, x, call.drop, activation_grid_ref<T>(call)},
                 call.input.options());
             grad_scale.copy_(total.reshape(grad_scale.sizes()));  // on the device: no synchronisation
           }
         });
     return {grad_input, grad_scale};
-  }
-
- private:
-  static const bool* keep_pointer(const ActivationQuantCall& call) {
-    return call.keep_float.defined() ? call.keep_float.const_data_ptr<bool>() : nullptr;
   }
 };
 

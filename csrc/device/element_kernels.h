@@ -138,15 +138,15 @@ struct ActivationGridRef {
   }
 };
 
-// The fake-quantized activation; keep_float may be null (no element kept in float).
+// The fake-quantized activation.
 template <typename scalar_t, typename T>
 struct FakeQuantizeActivationElement {
   const scalar_t* input;
-  const bool* keep_float;
+  QDropDraw drop;
   scalar_t* out;
   ActivationGridRef<T> grid;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    const bool keep = keep_float != nullptr && keep_float[i];
+    const bool keep = drop.keeps(i);
     out[i] = scalar_t(fake_quantize_activation<T>(T(input[i]), keep, grid.get()));
   }
 };
@@ -156,12 +156,12 @@ template <typename scalar_t, typename T>
 struct FakeQuantizeActivationGradElement {
   const scalar_t* grad_output;
   const scalar_t* input;
-  const bool* keep_float;
+  QDropDraw drop;
   scalar_t* grad_input;
   ActivationGridRef<T> grid;
   C10_HOST_DEVICE void operator()(int64_t i) const {
     T d_input, d_scale;
-    fake_quantize_activation_grad<T>(T(input[i]), keep_float != nullptr && keep_float[i], grid.get(), d_input,
+    fake_quantize_activation_grad<T>(T(input[i]), drop.keeps(i), grid.get(), d_input,
                                      d_scale);
     grad_input[i] = scalar_t(T(grad_output[i]) * d_input);
   }
@@ -172,11 +172,11 @@ template <typename scalar_t, typename T>
 struct ActivationScaleGradTerm {
   const scalar_t* grad_output;
   const scalar_t* input;
-  const bool* keep_float;
+  QDropDraw drop;
   ActivationGridRef<T> grid;
   C10_HOST_DEVICE double operator()(int64_t i) const {
     T d_input, d_scale;
-    fake_quantize_activation_grad<T>(T(input[i]), keep_float != nullptr && keep_float[i], grid.get(), d_input,
+    fake_quantize_activation_grad<T>(T(input[i]), drop.keeps(i), grid.get(), d_input,
                                      d_scale);
     return double(T(grad_output[i]) * d_scale);
   }

@@ -72,14 +72,15 @@ def init_v(weight, scale, axis=None):
 
 
 def fake_quantize_activation(input, scale, zero_point, quant_min, quant_max, clamp_min=None, clamp_max=None,
-                             keep_float=None):
+                             drop_probability=0.0, drop_seed=0):
     """An activation's per-tensor fake quantization as block reconstruction trains it: input clamped to
     [clamp_min, clamp_max] (a fused ReLU/ReLU6; None: no bound), then s * (clip(round(x / s) + z,
-    quant_min, quant_max) - z), as torch.fake_quantize_per_tensor_affine; where the bool tensor
-    keep_float holds (QDrop), the clamped input itself. Differentiable in `input` (straight through
-    the rounding) and in `scale` (LSQ's gradient); scale and zero_point are one-element tensors."""
+    quant_min, quant_max) - z), as torch.fake_quantize_per_tensor_affine. QDrop: each element keeps its
+    (clamped) float value with drop_probability, drawn from drop_seed and the element's position in
+    memory (qdrop_keeps). Differentiable in `input` (straight through the rounding) and in `scale`
+    (LSQ's gradient); scale and zero_point are one-element tensors."""
     return _lib.fake_quantize_activation(input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max,
-                                         keep_float)
+                                         float(drop_probability), int(drop_seed))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -241,33 +242,46 @@ torch.library.register_autograd("adaround::round_regularizer", _regularizer_back
 
 
 @torch.library.register_fake("adaround::fake_quantize_activation")
-def _(input, scale, zero_point, quant_min, quant_max, clamp_min=None, clamp_max=None, keep_float=None):
-    _same_device("input", input, scale=scale, zero_point=zero_point, keep_float=keep_float)
-    return torch.empty_like(input)
+def _(input, scale, zero_point, quant_min, quant_max, clamp_min=None, clamp_max=None, drop_probability=0.0,
+      drop_seed=0):
+    _same_device("input", input, scale=scale, zero_point=zero_point)
+    return _activation_like(input)
 
 
 @torch.library.register_fake("adaround::fake_quantize_activation_backward")
-def _(grad_output, input, scale, zero_point, quant_min, quant_max, clamp_min=None, clamp_max=None, keep_float=None,
-      scale_grad=True):
-    _same_device("input", input, grad_output=grad_output, scale=scale, zero_point=zero_point, keep_float=keep_float)
-    return torch.empty_like(input), torch.empty_like(scale)
+def _(grad_output, input, scale, zero_point, quant_min, quant_max, clamp_min=None, clamp_max=None,
+      drop_probability=0.0, drop_seed=0, scale_grad=True):
+    _same_device("input", input, grad_output=grad_output, scale=scale, zero_point=zero_point)
+    return _activation_like(input), torch.empty_like(scale)
+
+
+def _activation_like(input):
+    """The activation ops' output layout: the input's strides when its elements fill their memory
+    without gaps or overlaps in some dimension order (as at::Tensor::is_non_overlapping_and_dense),
+    else contiguous."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(input.stride(), input.shape) if sz != 1):
+        if stride != expected:
+            return torch.empty(input.shape, dtype=input.dtype, device=input.device)
+        expected *= size
+    return torch.empty_like(input)
 
 
 def _fake_quantize_activation_setup(ctx, inputs, output):
-    input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max, keep_float = inputs
-    ctx.save_for_backward(input, scale, zero_point, keep_float)
-    ctx.grid = (quant_min, quant_max, clamp_min, clamp_max)
+    input, scale, zero_point, *grid_and_draw = inputs
+    ctx.save_for_backward(input, scale, zero_point)
+    ctx.grid_and_draw = grid_and_draw  # quant_min, quant_max, clamp_min, clamp_max, drop_probability, drop_seed
 
 
 def _fake_quantize_activation_backward(ctx, grad_output):
-    input, scale, zero_point, keep_float = ctx.saved_tensors
+    input, scale, zero_point = ctx.saved_tensors
     need_input, need_scale = ctx.needs_input_grad[:2]
     grad_input, grad_scale = None, None
-    if need_input or need_scale:
+    if need_input or need_scale:  # the same seed: the forward's draws
         grad_input, grad_scale = _lib.fake_quantize_activation_backward(grad_output, input, scale, zero_point,
-                                                                        *ctx.grid, keep_float, need_scale)
-    # The zero point and the grid are fixed; the mask is data.
-    return (grad_input if need_input else None), (grad_scale if need_scale else None), None, None, None, None, None, None
+                                                                        *ctx.grid_and_draw, need_scale)
+    # The zero point, the grid and the draws are fixed.
+    return (grad_input if need_input else None), (grad_scale if need_scale else None), *[None] * 7
 
 
 torch.library.register_autograd("adaround::fake_quantize_activation", _fake_quantize_activation_backward,

@@ -212,12 +212,12 @@ class ReconstructionQuantizer(nn.Module):
         self.clamp = (None, None)
 
     def forward(self, x):
-        keep_float = None
-        if self.training and self.drop > 0.0:  # in x's memory layout: nothing is copied to match it
-            keep_float = torch.empty_like(x, dtype=torch.bool).bernoulli_(self.drop, generator=self.generator)
+        drop, seed = 0.0, 0
+        if self.training and self.drop > 0.0:  # the op draws the elements from the seed (on the CPU: no sync)
+            drop, seed = self.drop, int(torch.randint(2**62, (), generator=self.generator))
         scale = self.scale if self.learn else self.scale.detach()
         return fake_quantize_activation(x, scale, self.zero_point, self.quant_min, self.quant_max, *self.clamp,
-                                        keep_float)
+                                        drop, seed)
 
     def grid(self):
         """(scale, zero_point, quant_min, quant_max) of the ActivationQuantizer this one becomes."""
@@ -562,7 +562,7 @@ def _calibrated_quantizers(block_gm, soft_layers, inputs, config, bits, seed, de
             layer.observer = None
     generator = None
     if config.activation_drop > 0:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # on the CPU: the ops take its draws as seeds
     quantizers = {}
     for name, observer in observers.items():
         if not (math.isfinite(observer.lo) and math.isfinite(observer.hi)):
@@ -576,27 +576,46 @@ def _calibrated_quantizers(block_gm, soft_layers, inputs, config, bits, seed, de
 
 
 def _clamp_bounds(node: fx.Node, block_gm: fx.GraphModule):
-    """(lower, upper) of a ReLU, ReLU6 or Hardtanh applied to its first argument alone; else None."""
+    """((lower, upper), in_place) of a ReLU, ReLU6 or Hardtanh (PyTorch's own classes and functions,
+    without hooks) applied to its first argument alone; else None."""
     if node.op == "call_module":
         module = block_gm.get_submodule(node.target)
+        if module._forward_hooks or module._forward_pre_hooks:
+            return None
         if type(module) is nn.ReLU:
-            return 0.0, None
-        if isinstance(module, nn.Hardtanh):  # ReLU6 included
-            return float(module.min_val), float(module.max_val)
+            return (0.0, None), module.inplace
+        if type(module) in (nn.Hardtanh, nn.ReLU6):
+            return (float(module.min_val), float(module.max_val)), module.inplace
     if node.op == "call_function" and len(node.args) == 1 and set(node.kwargs) <= {"inplace"}:
+        in_place = bool(node.kwargs.get("inplace", False))
         if node.target in (F.relu, torch.relu):
-            return 0.0, None
+            return (0.0, None), in_place
         if node.target is F.relu6:
-            return 0.0, 6.0
+            return (0.0, 6.0), in_place
     return None
 
 
+def _read_only_here(node: fx.Node, block_gm: fx.GraphModule, soft_layers) -> bool:
+    """Whether node's value is a layer's fresh output that nothing but its one reader sees, through
+    Identity modules (folded BatchNorms), which hand their input on: what an in-place clamp may
+    change without another node noticing."""
+    while len(node.users) == 1 and node.op == "call_module":
+        if node.target in soft_layers:
+            return True
+        if type(block_gm.get_submodule(node.target)) is not nn.Identity or not node.args:
+            return False
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return False
+    return False
+
+
 def _fuse_clamps(block_gm: fx.GraphModule, soft_layers: Dict[str, SoftLayer]):
-    """Moves a ReLU/ReLU6 that feeds only a quantized layer of the block into that layer's input
-    quantizer, which clamps before it quantizes: the same values and straight-through gradients in
-    one pass each way instead of two. Only where nothing else reads the activation before or after
-    the clamp (an in-place ReLU changes what other readers of its input see), and the layer runs
-    once per pass (the quantizer is the layer's, not the call's)."""
+    """Moves a ReLU/ReLU6 whose output only a quantized layer of the block reads into that layer's
+    input quantizer, which clamps before it quantizes: the same values and straight-through
+    gradients in one pass each way instead of two. An in-place one only where the tensor it changes
+    is read by nothing else (_read_only_here); only layers that run once per pass (the quantizer
+    is the layer's, not the call's)."""
     calls = {}
     for node in block_gm.graph.nodes:
         if node.op == "call_module":
@@ -609,9 +628,12 @@ def _fuse_clamps(block_gm: fx.GraphModule, soft_layers: Dict[str, SoftLayer]):
         source = node.args[0]
         if not isinstance(source, fx.Node) or len(source.users) != 1:
             continue
-        bounds = _clamp_bounds(source, block_gm)
+        found = _clamp_bounds(source, block_gm)
         inner = source.args[0] if source.args else None
-        if bounds is None or not isinstance(inner, fx.Node) or len(inner.users) != 1:
+        if found is None or not isinstance(inner, fx.Node):
+            continue
+        bounds, in_place = found
+        if in_place and not _read_only_here(inner, block_gm, soft_layers):
             continue
         node.replace_input_with(source, inner)
         block_gm.graph.erase_node(source)

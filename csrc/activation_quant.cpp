@@ -54,7 +54,8 @@ ActivationQuantCall prepare_activation_quant(const at::Tensor& input, const at::
   call.scale = scale.to(at::kFloat).reshape({1}).contiguous();
   call.zero_point = zero_point.to(at::kFloat).reshape({1}).contiguous();
   if (input.is_cpu()) {  // reading GPU memory would synchronise every call
-    const float s = call.scale.item<float>(), z = call.zero_point.item<float>();
+    const float s = call.host_scale = call.scale.item<float>();
+    const float z = call.host_zero_point = call.zero_point.item<float>();
     TORCH_CHECK(std::isfinite(s) && s > 0, "scale must be positive and finite, got ", s);
     TORCH_CHECK(z == std::nearbyint(z) && z >= quant_min && z <= quant_max,
                 "zero_point must be an integer inside [quant_min, quant_max] = [", quant_min, ", ", quant_max,

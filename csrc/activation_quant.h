@@ -21,11 +21,12 @@ struct ActivationQuantCall {
   at::Tensor scale, zero_point;
   int64_t qmin = 0, qmax = 0;
   double lower = 0, upper = 0;  // the clamp, +-inf where none was given
+  float host_scale = 0, host_zero_point = 0;  // scale and zero_point's values, read once (CPU tensors only)
 
-  // The grid with its step and zero point read from CPU memory (the CPU kernels only).
+  // The grid of the step and zero point in CPU memory (the CPU kernels only).
   template <typename T>
   ActivationGrid<T> grid_on_host() const {
-    return activation_grid<T>(scale.item<float>(), zero_point.item<float>(), T(qmin), T(qmax), T(lower), T(upper));
+    return activation_grid<T>(host_scale, host_zero_point, T(qmin), T(qmax), T(lower), T(upper));
   }
 };
 

@@ -271,6 +271,31 @@ def test_without_scale_grad_the_step_gradient_is_zero(device):
     assert grad_scale.tolist() == [0.0]
 
 
+@pytest.mark.parametrize("wants", ["input", "scale", "both", "neither"])
+def test_autograd_returns_the_backward_ops_gradient_for_each_input_that_requires_one(device, wants):
+    """The op's autograd (csrc/activation_autograd.cpp) hands on the backward op's gradients, for the
+    forward's clamp and QDrop draws, to the input and the step that require them, and records nothing
+    where neither does."""
+    x = activations(500, torch.float32, device, spread=3.0, scale=0.13)
+    scale, zero_point = grid(0.125, 3, device)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(device)
+    grid_clamp_draw = (zero_point, 0, 15, 0.0, 6.0, 0.5, 11)
+    expected_input, expected_scale = ops.fake_quantize_activation_backward(g, x, scale, *grid_clamp_draw, True)
+    a = x.clone().requires_grad_(wants in ("input", "both"))
+    s = scale.clone().requires_grad_(wants in ("scale", "both"))
+    out = fake_quantize_activation(a, s, *grid_clamp_draw)
+    assert torch.equal(out, ops.fake_quantize_activation(x, scale, *grid_clamp_draw))
+    if wants == "neither":
+        assert out.grad_fn is None
+        return
+    out.backward(g)
+    assert (a.grad is not None) == (wants != "scale") and (s.grad is not None) == (wants != "input")
+    if a.grad is not None:
+        assert torch.equal(a.grad, expected_input)
+    if s.grad is not None:
+        assert torch.equal(s.grad, expected_scale)
+
+
 def bad_call(**changes):
     args = dict(input=torch.randn(4, 3), scale=torch.tensor([0.1]), zero_point=torch.tensor([2.0]), quant_min=0,
                 quant_max=15, clamp_min=None, clamp_max=None, drop_probability=0.0, drop_seed=0)

@@ -268,11 +268,18 @@ class ReadsTheRelu(nn.Module):
         return self.relu(out)
 
 
+def halved_relu() -> nn.ReLU:
+    relu = nn.ReLU()
+    relu.register_forward_hook(lambda module, args, output: output * 0.5)
+    return relu
+
+
 @pytest.mark.parametrize("reads, activation, fused", [
     ("once", nn.ReLU(), True), ("once", nn.ReLU(inplace=True), True), ("once", nn.ReLU6(inplace=True), True),
     ("relu output", nn.ReLU(), False),
     ("relu input", nn.ReLU(), True),  # not in place: the input is unchanged for its other reader
     ("relu input", nn.ReLU(inplace=True), False),  # in place: the other reader sees the clamped values
+    ("once", halved_relu(), False),  # a hook changes what the ReLU returns: fusing would lose it
 ])
 def test_a_relu_read_only_by_a_quantized_layer_is_fused_into_its_quantizer(monkeypatch, reads, activation, fused):
     """The activation goes into conv2's input quantizer (a clamp before the grid) only where nothing

@@ -76,8 +76,8 @@ def fake_quantize_activation(input, scale, zero_point, quant_min, quant_max, cla
     """An activation's per-tensor fake quantization as block reconstruction trains it: input clamped to
     [clamp_min, clamp_max] (a fused ReLU/ReLU6; None: no bound), then s * (clip(round(x / s) + z,
     quant_min, quant_max) - z), as torch.fake_quantize_per_tensor_affine. QDrop: each element keeps its
-    (clamped) float value with drop_probability, drawn from drop_seed and the element's position in
-    memory (qdrop_keeps). Differentiable in `input` (straight through the rounding) and in `scale`
+    (clamped) float value with drop_probability, drawn from a hash of drop_seed and the element's
+    position in memory (QDropDraw in csrc/rounding_math.h). Differentiable in `input` (straight through the rounding) and in `scale`
     (LSQ's gradient); scale and zero_point are one-element tensors."""
     return _lib.fake_quantize_activation(input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max,
                                          float(drop_probability), int(drop_seed))
@@ -267,25 +267,8 @@ def _activation_like(input):
     return torch.empty_like(input)
 
 
-def _fake_quantize_activation_setup(ctx, inputs, output):
-    input, scale, zero_point, *grid_and_draw = inputs
-    ctx.save_for_backward(input, scale, zero_point)
-    ctx.grid_and_draw = grid_and_draw  # quant_min, quant_max, clamp_min, clamp_max, drop_probability, drop_seed
-
-
-def _fake_quantize_activation_backward(ctx, grad_output):
-    input, scale, zero_point = ctx.saved_tensors
-    need_input, need_scale = ctx.needs_input_grad[:2]
-    grad_input, grad_scale = None, None
-    if need_input or need_scale:  # the same seed: the forward's draws
-        grad_input, grad_scale = _lib.fake_quantize_activation_backward(grad_output, input, scale, zero_point,
-                                                                        *ctx.grid_and_draw, need_scale)
-    # The zero point, the grid and the draws are fixed.
-    return (grad_input if need_input else None), (grad_scale if need_scale else None), *[None] * 7
-
-
-torch.library.register_autograd("adaround::fake_quantize_activation", _fake_quantize_activation_backward,
-                                setup_context=_fake_quantize_activation_setup)
+# fake_quantize_activation's autograd is in C++ (csrc/activation_autograd.cpp): block reconstruction
+# calls it per layer and iteration on small activations, where this wrapper's overhead would rival the kernel.
 
 
 @torch.library.register_fake("adaround::reconstruction_grad")

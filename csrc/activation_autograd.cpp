@@ -1,0 +1,95 @@
+// Autograd of fake_quantize_activation (schema in activation_ops.cpp), in C++ as torchvision's
+// ops/autograd: block reconstruction differentiates through it for every quantized layer at every
+// iteration, often on activations of a few KiB, where a Python autograd formula's per-call overhead
+// exceeds the kernel's own time. The gradients are the backward op's: straight through the rounding
+// for the input, LSQ's for the step; the zero point, grid, clamp and draws are constants.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace adaround {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+Tensor fake_quantize_activation_below_autograd(const Tensor& input, const Tensor& scale, const Tensor& zero_point,
+                                               int64_t quant_min, int64_t quant_max, std::optional<double> clamp_min,
+                                               std::optional<double> clamp_max, double drop_probability,
+                                               int64_t drop_seed) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("adaround::fake_quantize_activation", "")
+                             .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
+                                           std::optional<double>, std::optional<double>, double, int64_t)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max, drop_probability, drop_seed);
+}
+
+std::tuple<Tensor, Tensor> fake_quantize_activation_backward_op(const Tensor& grad_output, const Tensor& input,
+                                                                const Tensor& scale, const Tensor& zero_point,
+                                                                int64_t quant_min, int64_t quant_max,
+                                                                std::optional<double> clamp_min,
+                                                                std::optional<double> clamp_max,
+                                                                double drop_probability, int64_t drop_seed,
+                                                                bool scale_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("adaround::fake_quantize_activation_backward", "")
+                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                               const Tensor&, int64_t, int64_t, std::optional<double>,
+                                                               std::optional<double>, double, int64_t, bool)>();
+  return op.call(grad_output, input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max, drop_probability,
+                 drop_seed, scale_grad);
+}
+
+class FakeQuantizeActivationFunction : public torch::autograd::Function<FakeQuantizeActivationFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& scale, const Tensor& zero_point,
+                        int64_t quant_min, int64_t quant_max, std::optional<double> clamp_min,
+                        std::optional<double> clamp_max, double drop_probability, int64_t drop_seed) {
+    ctx->save_for_backward({input, scale, zero_point});
+    ctx->saved_data["quant_min"] = quant_min;
+    ctx->saved_data["quant_max"] = quant_max;
+    ctx->saved_data["clamp_min"] = clamp_min;
+    ctx->saved_data["clamp_max"] = clamp_max;
+    ctx->saved_data["drop_probability"] = drop_probability;
+    ctx->saved_data["drop_seed"] = drop_seed;  // the backward redraws the forward's kept elements
+    return fake_quantize_activation_below_autograd(input, scale, zero_point, quant_min, quant_max, clamp_min,
+                                                   clamp_max, drop_probability, drop_seed);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const bool need_input = ctx->needs_input_grad(0), need_scale = ctx->needs_input_grad(1);
+    Tensor grad_input, grad_scale;
+    if (need_input || need_scale) {
+      const variable_list saved = ctx->get_saved_variables();
+      const auto& data = ctx->saved_data;
+      std::tie(grad_input, grad_scale) = fake_quantize_activation_backward_op(
+          grad_outputs[0], saved[0], saved[1], saved[2], data.at("quant_min").toInt(), data.at("quant_max").toInt(),
+          data.at("clamp_min").toOptional<double>(), data.at("clamp_max").toOptional<double>(),
+          data.at("drop_probability").toDouble(), data.at("drop_seed").toInt(), need_scale);
+    }
+    // One entry per forward argument: none for the zero point, the grid, the clamp and the draw.
+    return {need_input ? grad_input : Tensor(), need_scale ? grad_scale : Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor(),   Tensor(),   Tensor(),   Tensor()};
+  }
+};
+
+Tensor fake_quantize_activation_autograd(const Tensor& input, const Tensor& scale, const Tensor& zero_point,
+                                         int64_t quant_min, int64_t quant_max, std::optional<double> clamp_min,
+                                         std::optional<double> clamp_max, double drop_probability,
+                                         int64_t drop_seed) {
+  return FakeQuantizeActivationFunction::apply(input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max,
+                                               drop_probability, drop_seed);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(adaround, Autograd, m) {
+  m.impl("fake_quantize_activation", &fake_quantize_activation_autograd);
+}
+
+}  // namespace adaround

@@ -4,6 +4,7 @@
 // exceeds the kernel's own time. The gradients are the backward op's: straight through the rounding
 // for the input, LSQ's for the step; the zero point, grid, clamp and draws are constants.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -82,6 +83,10 @@ Tensor fake_quantize_activation_autograd(const Tensor& input, const Tensor& scal
                                          int64_t quant_min, int64_t quant_max, std::optional<double> clamp_min,
                                          std::optional<double> clamp_max, double drop_probability,
                                          int64_t drop_seed) {
+  if (!at::GradMode::is_enabled() || !(input.requires_grad() || scale.requires_grad())) {  // no graph to record
+    return fake_quantize_activation_below_autograd(input, scale, zero_point, quant_min, quant_max, clamp_min,
+                                                   clamp_max, drop_probability, drop_seed);
+  }
   return FakeQuantizeActivationFunction::apply(input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max,
                                                drop_probability, drop_seed);
 }

@@ -95,6 +95,21 @@ def test_round_regularizer_gradcheck(device):
     assert torch.autograd.gradcheck(lambda v_: ae.round_regularizer(v_, 3.0), (v,))
 
 
+def test_round_regularizer_is_the_same_on_any_thread_count():
+    """The CPU sum runs over fixed chunks added in order, not per thread: 1, 2 and 3 threads give
+    the same value bit for bit (float64, where a float32 result would hide the order of the sum)."""
+    v = torch.randn(300_001, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2
+    threads = torch.get_num_threads()
+    values = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            values.append(ae.round_regularizer(v, 4.0))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(values[0], values[1]) and torch.equal(values[0], values[2])
+
+
 def test_regularizer_saturates_at_decided_values(device):
     # h(V) = 0 or 1 exactly where V is far from 0: those elements add nothing and get no gradient.
     v = torch.tensor([-10.0, 10.0, 0.0], device=device, requires_grad=True)

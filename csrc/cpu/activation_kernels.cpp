@@ -101,40 +101,33 @@ std::tuple<Tensor, Tensor> fake_quantize_activation_backward_cpu(
         const scalar_t* x = call.input.const_data_ptr<scalar_t>();
         const QDropDraw drop = call.drop;
         scalar_t* gx = grad_input.mutable_data_ptr<scalar_t>();
-        // The step's gradient summed in double over fixed chunks, then over the chunks in order: the
-        // same sum on any number of threads (parallel_reduce splits by thread).
-        const int64_t numel = call.input.numel();
-        std::vector<double> chunk_sums(std::max<int64_t>(1, (numel + kGrainSize - 1) / kGrainSize), 0.0);
-        at::parallel_for(0, int64_t(chunk_sums.size()), 1, [&](int64_t first, int64_t last) {
-          for (int64_t chunk = first; chunk < last; ++chunk) {
-            const int64_t begin = chunk * kGrainSize, end = std::min(numel, begin + kGrainSize);
-            double local = 0.0;
-            vectorized_run<scalar_t>(
-                begin, end,
-                [&](int64_t i) {
-                  if constexpr (std::is_same_v<scalar_t, float>) {
-                    FloatVec d_input, d_scale;
-                    fake_quantize_activation_grad<FloatVec, VecOps>(FloatVec::loadu(x + i), keep_lanes(drop, i),
-                                                                    grid_vec, d_input, d_scale);
-                    const FloatVec gv = FloatVec::loadu(g + i);
-                    (gv * d_input).store(gx + i);
-                    if (scale_grad) {
-                      float lanes[FloatVec::size()];
-                      (gv * d_scale).store(lanes);
-                      for (const float term : lanes) local += term;
-                    }
+        // The step's gradient: the same sum on any number of threads.
+        total = sum_over_fixed_chunks(call.input.numel(), [&](int64_t begin, int64_t end) {
+          double local = 0.0;
+          vectorized_run<scalar_t>(
+              begin, end,
+              [&](int64_t i) {
+                if constexpr (std::is_same_v<scalar_t, float>) {
+                  FloatVec d_input, d_scale;
+                  fake_quantize_activation_grad<FloatVec, VecOps>(FloatVec::loadu(x + i), keep_lanes(drop, i),
+                                                                  grid_vec, d_input, d_scale);
+                  const FloatVec gv = FloatVec::loadu(g + i);
+                  (gv * d_input).store(gx + i);
+                  if (scale_grad) {
+                    float lanes[FloatVec::size()];
+                    (gv * d_scale).store(lanes);
+                    for (const float term : lanes) local += term;
                   }
-                },
-                [&](int64_t i) {
-                  T d_input, d_scale;
-                  fake_quantize_activation_grad<T>(T(x[i]), drop.keeps(i), grid, d_input, d_scale);
-                  gx[i] = scalar_t(T(g[i]) * d_input);
-                  if (scale_grad) local += double(T(g[i]) * d_scale);
-                });
-            chunk_sums[chunk] = local;
-          }
+                }
+              },
+              [&](int64_t i) {
+                T d_input, d_scale;
+                fake_quantize_activation_grad<T>(T(x[i]), drop.keeps(i), grid, d_input, d_scale);
+                gx[i] = scalar_t(T(g[i]) * d_input);
+                if (scale_grad) local += double(T(g[i]) * d_scale);
+              });
+          return local;
         });
-        for (const double chunk_sum : chunk_sums) total += chunk_sum;
       });
   return {grad_input, at::full_like(scale, scale_grad ? total : 0.0)};
 }

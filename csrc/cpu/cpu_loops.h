@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <vector>
 
 #include "../rounding_math.h"
 
@@ -101,6 +102,23 @@ void for_each_listed_run(const int64_t* offsets, int64_t channels, const Body& b
       i = std::max(i, run_end);
     }
   });
+}
+
+// The sum over [0, numel) of chunk_sum(begin, end) (a double) over fixed chunks of kGrainSize
+// elements, added in chunk order: the same value on any number of threads, where
+// at::parallel_reduce splits the range per thread and so rounds differently with each thread count.
+template <typename ChunkSum>
+double sum_over_fixed_chunks(int64_t numel, const ChunkSum& chunk_sum) {
+  std::vector<double> sums(std::max<int64_t>(1, (numel + kGrainSize - 1) / kGrainSize), 0.0);
+  at::parallel_for(0, int64_t(sums.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      const int64_t begin = chunk * kGrainSize;
+      sums[chunk] = chunk_sum(begin, std::min(numel, begin + kGrainSize));
+    }
+  });
+  double total = 0.0;
+  for (const double sum : sums) total += sum;
+  return total;
 }
 
 // Applies a formula element-wise over [begin, end): vec_fn on full SIMD vectors when the compute

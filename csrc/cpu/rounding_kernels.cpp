@@ -112,25 +112,22 @@ Tensor round_regularizer_cpu(const Tensor& v, double beta) {
     using T = scalar_t;
     const T* v_ptr = vc.const_data_ptr<T>();
     const T b = T(beta);
-    // Sum in double per chunk, then over chunks: stable and independent of the thread count.
-    const double sum = at::parallel_reduce(
-        0, vc.numel(), kGrainSize, 0.0,
-        [&](int64_t begin, int64_t end, double acc) {
-          double local = 0.0;
-          vectorized_run<T>(
-              begin, end,
-              [&](int64_t i) {
-                if constexpr (std::is_same_v<T, float>) {
-                  const FloatVec h = rectified_sigmoid<FloatVec, VecOps>(FloatVec::loadu(v_ptr + i));
-                  float lanes[FloatVec::size()];
-                  regularizer_term<FloatVec, VecOps>(h, FloatVec(b)).store(lanes);
-                  for (float x : lanes) local += x;
-                }
-              },
-              [&](int64_t i) { local += regularizer_term<T>(rectified_sigmoid<T>(v_ptr[i]), b); });
-          return acc + local;
-        },
-        std::plus<double>());
+    // Summed in double per chunk, then over the chunks in order: the same value on any thread count.
+    const double sum = sum_over_fixed_chunks(vc.numel(), [&](int64_t begin, int64_t end) {
+      double local = 0.0;
+      vectorized_run<T>(
+          begin, end,
+          [&](int64_t i) {
+            if constexpr (std::is_same_v<T, float>) {
+              const FloatVec h = rectified_sigmoid<FloatVec, VecOps>(FloatVec::loadu(v_ptr + i));
+              float lanes[FloatVec::size()];
+              regularizer_term<FloatVec, VecOps>(h, FloatVec(b)).store(lanes);
+              for (float x : lanes) local += x;
+            }
+          },
+          [&](int64_t i) { local += regularizer_term<T>(rectified_sigmoid<T>(v_ptr[i]), b); });
+      return local;
+    });
     total = at::scalar_tensor(sum, vc.options());
   });
   return total;

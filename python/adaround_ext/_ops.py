@@ -77,8 +77,9 @@ def fake_quantize_activation(input, scale, zero_point, quant_min, quant_max, cla
     [clamp_min, clamp_max] (a fused ReLU/ReLU6; None: no bound), then s * (clip(round(x / s) + z,
     quant_min, quant_max) - z), as torch.fake_quantize_per_tensor_affine. QDrop: each element keeps its
     (clamped) float value with drop_probability, drawn from a hash of drop_seed and the element's
-    position in memory (QDropDraw in csrc/rounding_math.h). Differentiable in `input` (straight through the rounding) and in `scale`
-    (LSQ's gradient); scale and zero_point are one-element tensors."""
+    position in memory (QDropDraw in csrc/rounding_math.h). Differentiable in `input` (straight
+    through the rounding) and in `scale` (LSQ's gradient); scale and zero_point are one-element
+    tensors."""
     return _lib.fake_quantize_activation(input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max,
                                          float(drop_probability), int(drop_seed))
 
@@ -268,7 +269,11 @@ def _activation_like(input):
 
 
 # fake_quantize_activation's autograd is in C++ (csrc/activation_autograd.cpp): block reconstruction
-# calls it per layer and iteration on small activations, where this wrapper's overhead would rival the kernel.
+# calls it per layer and iteration on small activations, where a Python formula's overhead would rival
+# the kernel. A _C built before it has none, and PyTorch's fallback would only warn while no gradient flows.
+if not torch._C._dispatch_has_kernel_for_dispatch_key("adaround::fake_quantize_activation", "Autograd"):
+    raise ImportError("adaround_ext._C is older than its Python package (fake_quantize_activation has no "
+                      "autograd kernel): rebuild it (scripts/bootstrap.sh, or setup.py build_ext --inplace)")
 
 
 @torch.library.register_fake("adaround::reconstruction_grad")

@@ -3,13 +3,14 @@
 // iteration, often on activations of a few KiB, where a Python autograd formula's per-call overhead
 // exceeds the kernel's own time. The gradients are the backward op's: straight through the rounding
 // for the input, LSQ's for the step; the zero point, grid, clamp and draws are constants.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+
+#include "activation_ops.h"
 
 namespace adaround {
 namespace {
@@ -18,32 +19,14 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The op's kernel for the tensors' device, skipping this autograd kernel.
 Tensor fake_quantize_activation_below_autograd(const Tensor& input, const Tensor& scale, const Tensor& zero_point,
                                                int64_t quant_min, int64_t quant_max, std::optional<double> clamp_min,
                                                std::optional<double> clamp_max, double drop_probability,
                                                int64_t drop_seed) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("adaround::fake_quantize_activation", "")
-                             .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
-                                           std::optional<double>, std::optional<double>, double, int64_t)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max, drop_probability, drop_seed);
-}
-
-std::tuple<Tensor, Tensor> fake_quantize_activation_backward_op(const Tensor& grad_output, const Tensor& input,
-                                                                const Tensor& scale, const Tensor& zero_point,
-                                                                int64_t quant_min, int64_t quant_max,
-                                                                std::optional<double> clamp_min,
-                                                                std::optional<double> clamp_max,
-                                                                double drop_probability, int64_t drop_seed,
-                                                                bool scale_grad) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("adaround::fake_quantize_activation_backward", "")
-                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                               const Tensor&, int64_t, int64_t, std::optional<double>,
-                                                               std::optional<double>, double, int64_t, bool)>();
-  return op.call(grad_output, input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max, drop_probability,
-                 drop_seed, scale_grad);
+  return ops::fake_quantize_activation(input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max,
+                                       drop_probability, drop_seed);
 }
 
 class FakeQuantizeActivationFunction : public torch::autograd::Function<FakeQuantizeActivationFunction> {
@@ -68,7 +51,7 @@ class FakeQuantizeActivationFunction : public torch::autograd::Function<FakeQuan
     if (need_input || need_scale) {
       const variable_list saved = ctx->get_saved_variables();
       const auto& data = ctx->saved_data;
-      std::tie(grad_input, grad_scale) = fake_quantize_activation_backward_op(
+      std::tie(grad_input, grad_scale) = ops::fake_quantize_activation_backward(
           grad_outputs[0], saved[0], saved[1], saved[2], data.at("quant_min").toInt(), data.at("quant_max").toInt(),
           data.at("clamp_min").toOptional<double>(), data.at("clamp_max").toOptional<double>(),
           data.at("drop_probability").toDouble(), data.at("drop_seed").toInt(), need_scale);

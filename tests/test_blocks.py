@@ -614,6 +614,37 @@ def test_both_cache_strategies_give_the_same_block_caches(asymmetric):
             torch.testing.assert_close(got_outputs, outputs, rtol=0, atol=0)
 
 
+class FlattenedBlock(nn.Module):
+    """Calls .view() across channels and positions, which NHWC strides refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return x + self.conv(x).view(n, -1).softmax(-1).view(n, c, h, w)
+
+
+def test_block_caches_are_nhwc_on_the_cpu_unless_the_block_calls_view():
+    """The CPU block loop runs on NHWC data (blocks.runs_channels_last), cached so; a block whose code calls
+    .view() keeps NCHW and is reconstructed."""
+    from adaround_ext.caching import make_layer_caches
+
+    x = images()
+    flattened = nn.Sequential(FlattenedBlock(), nn.ReLU()).eval()
+    for model, nhwc in ((two_blocks(), True), (flattened, False)):
+        layers = layer_names(model)
+        block = find_blocks(model, trace(model), layers)[0]
+        for memory_budget in (None, 0):  # the graph walk, then prefix reruns
+            caches = make_layer_caches(model, model, x, ae.QuantConfig(progress=False), torch.device("cpu"), layers,
+                                       memory_budget=memory_budget)
+            for cache in caches.build_block(block):
+                assert cache.is_contiguous(memory_format=torch.channels_last) == nhwc
+    q = ae.quantize(flattened, x, ae.QuantConfig(reconstruction="block", activation_bits=None, **FAST))
+    assert q.adaround_report.layers[0].block == "0"
+
+
 class InPlaceBlock(nn.Module):
     """Changes its input in place before its layer reads it (the caches must not see that)."""
 

@@ -16,7 +16,7 @@ import math
 import operator
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -378,6 +378,19 @@ class _Rounding:
         return v
 
 
+def runs_channels_last(nodes: Iterable[fx.Node], device) -> bool:
+    """Whether the block runs on channels-last (NHWC) data: on the CPU, where oneDNN's convolutions
+    take it without reordering, the quantizers keep it, the grouped convolutions and the 1x1 matrix
+    products (SoftLayer) need it, and their gradients come back in it, so that no pass converts a
+    layout either way. Not where the block's code (`nodes`) calls .view(), which NHWC strides may refuse."""
+    return device.type == "cpu" and not any(n.op == "call_method" and n.target == "view" for n in nodes)
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """A 4-D tensor laid out NHWC (itself when it is); other tensors as they are."""
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
 def output_positions(output: torch.Tensor, channel_dim: int) -> int:
     """Output positions per sample: the loss sums over channels (dim 1 after a convolution, the last
     after a Linear, which may run over tokens) and averages over samples and positions, as the
@@ -418,6 +431,8 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
     for name, cache in (("input", inputs), ("output", targets)):
         if not torch.isfinite(cache).all():
             raise ValueError(f"its cached {name} holds NaN or Inf (an earlier layer's output overflowed float32)")
+    if runs_channels_last(block_gm.graph.nodes, device):  # the pipeline's caches already are (caching.py)
+        inputs, targets = (channels_last(t) for t in (inputs, targets))
     soft_layers = {}
     for layer in layers:
         soft_layers[layer.name] = SoftLayer(layer.kind, layer.bias, layer.geometry)

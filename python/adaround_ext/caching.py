@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import runs_channels_last
 from .modules import trace
 
 log = logging.getLogger("adaround_ext")
@@ -42,10 +43,11 @@ def cache_location(config, device, nbytes: int) -> str:
 
 
 class _CacheWriter:
-    """Fills the (inputs, targets) caches chunk by chunk, placed by cache_location on the first chunk."""
+    """Fills the (inputs, targets) caches chunk by chunk, placed by cache_location on the first chunk;
+    4-D caches laid out NHWC with `channels_last`."""
 
-    def __init__(self, n, config, device):
-        self.n, self.config, self.device = n, config, device
+    def __init__(self, n, config, device, channels_last=False):
+        self.n, self.config, self.device, self.channels_last = n, config, device, channels_last
         self.inputs = self.targets = None
 
     def write(self, start, x, y):
@@ -69,9 +71,10 @@ class _CacheWriter:
 
     def _empty(self, like, where):
         shape = (self.n, *like.shape[1:])
+        layout = torch.channels_last if self.channels_last and len(shape) == 4 else torch.contiguous_format
         if where == "device":
-            return torch.empty(shape, dtype=like.dtype, device=self.device)
-        return torch.empty(shape, dtype=like.dtype, pin_memory=True)
+            return torch.empty(shape, dtype=like.dtype, device=self.device, memory_format=layout)
+        return torch.empty(shape, dtype=like.dtype, pin_memory=True, memory_format=layout)
 
 
 class _StopForward(Exception):
@@ -125,7 +128,7 @@ class PrefixCaches:
     def build_block(self, block):
         """(x^, the float block's output) of a block that is a module of the model (blocks.Block)."""
         source = self.q_model if self.config.asymmetric_reconstruction else self.fp_model
-        writer = _CacheWriter(len(self.samples), self.config, self.device)
+        writer = _CacheWriter(len(self.samples), self.config, self.device, runs_channels_last(block.nodes, self.device))
         with torch.no_grad():
             for start in range(0, len(self.samples), CHUNK):
                 batch = self.samples[start:start + CHUNK]
@@ -231,7 +234,7 @@ class GraphWalkCaches:
         this graph); blocks and layers must be asked for in execution order."""
         if self.fp.position > block.first or self.q.position > block.first:
             raise RuntimeError(f"block {block.name} was asked for after the walk passed it")
-        writer = _CacheWriter(self.n, self.config, self.device)
+        writer = _CacheWriter(self.n, self.config, self.device, runs_channels_last(block.nodes, self.device))
         with torch.no_grad():
             self.q.run_until(block.first)
             # Copies: the float walk runs the block next, and it may change its input in place (the two

@@ -11,11 +11,10 @@ import argparse
 import statistics
 import time
 
-from common import print_table, testbed_model_and_data
+from common import print_table, setting_config, testbed_model_and_data
 
-from adaround_ext import QuantConfig, blocks, caching, quantize  # noqa: E402
+from adaround_ext import blocks, caching, quantize  # noqa: E402
 from adaround_testbed import testbed  # noqa: E402
-from adaround_testbed.cli import SETTINGS  # noqa: E402
 
 
 def never_channels_last(nodes, device):
@@ -34,10 +33,7 @@ def main():
     p.add_argument("--eval-images", type=int, default=10000)
     args = p.parse_args()
     model, calib, test, fp32 = testbed_model_and_data(args)
-    _, overrides = SETTINGS[args.setting]
-    config = QuantConfig(reconstruction="block", iterations=args.iterations, num_samples=args.samples, device="cpu",
-                         progress=False, seed=args.seed, cross_layer_equalization=not overrides["per_channel"],
-                         **overrides)
+    config = setting_config(args.setting, args.iterations, args.samples, args.seed, reconstruction="block")
     # Both modules bind the rule by name (caching writes the caches, blocks runs the block); swap both.
     layouts = {"NHWC (rule)": blocks.runs_channels_last, "NCHW": never_channels_last}
     times, accs = {name: [] for name in layouts}, {}

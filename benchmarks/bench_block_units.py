@@ -11,11 +11,10 @@ Run it alone: the ratios are what carries over to another machine.
 import argparse
 import collections
 
-from common import print_table, testbed_model_and_data
+from common import print_table, setting_config, testbed_model_and_data
 
-from adaround_ext import QuantConfig, quantize  # noqa: E402
+from adaround_ext import quantize  # noqa: E402
 from adaround_testbed import testbed  # noqa: E402
-from adaround_testbed.cli import SETTINGS  # noqa: E402
 
 
 def main():
@@ -29,12 +28,9 @@ def main():
     p.add_argument("--eval-images", type=int, default=1000, help="only for the FP32 line")
     args = p.parse_args()
     model, calib, _, fp32 = testbed_model_and_data(args)
-    _, overrides = SETTINGS[args.setting]
     reports = {}
     for mode in ("layer", "block"):
-        config = QuantConfig(reconstruction=mode, iterations=args.iterations, num_samples=args.samples, device="cpu",
-                             progress=False, seed=args.seed, cross_layer_equalization=not overrides["per_channel"],
-                             **overrides)
+        config = setting_config(args.setting, args.iterations, args.samples, args.seed, reconstruction=mode)
         reports[mode] = quantize(model, calib, config).adaround_report
         print(reports[mode].table(), flush=True)
     block_of = {r.name: r.block or r.name for r in reports["block"].layers}

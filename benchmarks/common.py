@@ -63,3 +63,14 @@ def testbed_model_and_data(args):
     model = testbed.load_network(args.arch, path)
     calib, test = testbed.calibration_and_test(args.samples, args.eval_images)
     return model, calib, test, testbed.evaluate(model, *test)
+
+
+def setting_config(setting, iterations, samples, seed, **options):
+    """QuantConfig of one of the main job's settings (adaround_testbed/cli.py) for a CPU benchmark run:
+    cross-layer equalization where the setting is per-tensor, as the main job gives it."""
+    from adaround_ext import QuantConfig
+    from adaround_testbed.cli import SETTINGS
+
+    _, overrides = SETTINGS[setting]
+    return QuantConfig(iterations=iterations, num_samples=samples, seed=seed, device="cpu", progress=False,
+                       cross_layer_equalization=not overrides["per_channel"], **overrides, **options)

@@ -1,12 +1,14 @@
 """The faster computations block reconstruction runs its layers with, against PyTorch's own: the
-direct depthwise weight gradient (shared with optimize_layer), the grouped convolution built on it and
-1x1 convolutions as matrix products (the activation fake quantization: test_activation_quant.py)."""
+direct depthwise weight gradient (shared with optimize_layer), the grouped convolution built on it,
+convolutions on small maps as matrix products and the ChannelClip's gradient (the activation fake
+quantization: test_activation_quant.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from adaround_ext import _C
-from adaround_ext.blocks import GroupedConv2d, SoftLayer
+from adaround_ext.blocks import GroupedConv2d, ReconstructionClip, SoftLayer
+from adaround_ext.modules import ChannelClip
 
 
 def library_weight_grad(grad, x, weight_shape, stride, padding, dilation, groups):
@@ -109,10 +111,14 @@ def test_grouped_conv2d_gradients_without_bias_or_input_gradient_on_channels_las
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("size", [1, 4, 5])  # 5x5: past the matrix-product threshold, the library's
-def test_a_1x1_convolution_as_a_matrix_product_equals_the_convolution(size):
+@pytest.mark.parametrize("size, channels_last", [(1, False), (4, False), (5, False), (5, True), (12, True)])
+def test_a_1x1_convolution_as_a_matrix_product_equals_the_convolution(size, channels_last):
+    """NCHW 5x5: past the matrix-product threshold, the library's; on NHWC data always a product."""
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(3, 6, size, size, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 6, size, size, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     weight = torch.randn(5, 6, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(5, generator=g, dtype=torch.float64)
     layer = SoftLayer("conv2d", bias, dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1))
@@ -120,10 +126,70 @@ def test_a_1x1_convolution_as_a_matrix_product_equals_the_convolution(size):
     out = layer(x)
     expected = F.conv2d(x, weight, bias)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    # The matrix product's output is NHWC in memory, the library's NCHW (a 1x1 map is both).
-    assert out.is_contiguous() == (size != 4)
+    # The matrix product's output is NHWC in memory, the library's NCHW here (a 1x1 map is both).
+    assert out.is_contiguous() == (size == 1 or (size == 5 and not channels_last))
     grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
     got = torch.autograd.grad(out, (x, weight), grad)
     want = torch.autograd.grad(expected, (x, weight), grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size, kernel, stride, padding, unfolded", [
+    ((2, 2), (3, 3), (1, 1), (1, 1), True),   # resnet18's layer3 on the testbed: 4 positions
+    ((4, 4), (3, 3), (2, 2), (1, 1), True),   # its strided first convolution into them
+    ((2, 2), (2, 2), (2, 2), (0, 0), True),   # a 3x3 kernel cropped to its live taps: 1 position
+    ((4, 4), (1, 1), (2, 2), (0, 0), True),   # a strided 1x1 shortcut
+    ((3, 3), (2, 3), (1, 2), (1, 0), True),   # uneven geometry: 4 x 1 positions
+    ((4, 4), (3, 3), (1, 1), (1, 1), False),  # 16 positions: the library's
+])
+def test_a_convolution_on_a_small_map_as_a_matrix_product_equals_the_convolution(size, kernel, stride, padding,
+                                                                                   unfolded, channels_last):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 6, *size, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = torch.randn(5, 6, *kernel, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    geometry = dict(stride=stride, padding=padding, dilation=(1, 1), groups=1)
+    layer = SoftLayer("conv2d", bias, geometry)
+    layer.weight = weight
+    out = layer(x)
+    expected = F.conv2d(x, weight, bias, **geometry)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # The matrix product's output is NHWC in memory; the library's follows its input.
+    if out.shape[2] * out.shape[3] > 1 and not channels_last:
+        assert out.is_contiguous() != unfolded
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, (x, weight, bias), grad)
+    want = torch.autograd.grad(expected, (x, weight, bias), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape, channel_dim, channels_last", [
+    ((4, 5, 3, 3), 1, False), ((4, 5, 3, 3), 1, True), ((4, 3, 5), -1, False)])
+def test_the_reconstruction_clip_equals_the_channel_clip_with_the_clamp_derivative(shape, channel_dim, channels_last):
+    g = torch.Generator().manual_seed(4)
+    upper = torch.rand(5, generator=g, dtype=torch.float64) * 2 + 0.5
+    clip = ChannelClip(upper, channel_dim)
+    clip.upper = clip.upper.double()
+    # values clear of 0 and of the bounds: there the derivative is 1 inside, 0 outside
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2
+    moved_upper = upper if channel_dim == -1 else upper.view(5, *[1] * (len(shape) - 2))
+    near = (x.abs() < 0.05) | ((x - moved_upper).abs() < 0.05)
+    x = torch.where(near, x + 0.1, x)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    fast = ReconstructionClip(clip)
+    out = fast(x)
+    assert torch.equal(out, clip(x))
+    grad = torch.randn(shape, generator=g, dtype=torch.float64)
+    got, = torch.autograd.grad(out, x, grad)
+    inside = (x > 0) & (x < moved_upper)
+    assert 0 < inside.sum() < inside.numel()  # both cases are exercised
+    torch.testing.assert_close(got, torch.where(inside, grad, 0.0), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(fast, (x,))

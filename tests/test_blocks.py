@@ -18,7 +18,7 @@ from adaround_ext.activation_ranges import activation_grid
 from adaround_ext.encodings import export_encodings
 from adaround_ext.onnx_export import export_onnx
 from adaround_ext.blocks import BlockLayer, ReconstructionQuantizer, block_module, find_blocks, reconstruct_block
-from adaround_ext.modules import QuantizedLayer, trace
+from adaround_ext.modules import ChannelClip, QuantizedLayer, trace
 from conftest import needs_cuda
 
 
@@ -215,10 +215,11 @@ def recorded_steps(monkeypatch):
     return steps
 
 
-@pytest.mark.parametrize("activations, size", [("float", 8), ("quantized", 8), ("float", 1)])
+@pytest.mark.parametrize("activations, size", [("float", 8), ("quantized", 8), ("float", 1), ("quantized", 2)])
 def test_block_rounding_equals_plain_pytorch_step_by_step(monkeypatch, activations, size):
     """On 1x1 maps the block's 3x3 convolutions learn their centre taps only (the others never see
-    data); the codes of the others are the reference's too (its regulariser keeps them nearest)."""
+    data); the codes of the others are the reference's too (its regulariser keeps them nearest).
+    On 2x2 maps they run as matrix products over their unfolded inputs (SoftLayer)."""
     model, block, layers, inputs, targets = block_setup(size=size)
     config = ae.QuantConfig(iterations=12, batch_size=8, warm_start=0.25, activation_range="minmax",
                             quantized_inputs=activations == "quantized", activation_bits=4)
@@ -247,6 +248,37 @@ def test_block_rounding_equals_plain_pytorch_step_by_step(monkeypatch, activatio
         codes = torch.clamp(torch.floor(layer.weight / layer.scale.view(-1, 1, 1, 1)) + (h >= 0.5).double(),
                             layer.quant_min, layer.quant_max)
         assert torch.equal(result.codes[layer.name].double(), codes)
+
+
+class ClippedResBlock(nn.Module):
+    """A ResBlock whose first activation is a ChannelClip (a ReLU6 after cross-layer equalization)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.conv1, self.conv2, self.relu = block.conv1, block.conv2, block.relu
+        self.clip = ChannelClip(torch.linspace(0.05, 0.3, block.conv1.out_channels))
+
+    def forward(self, x):
+        return self.relu(x + self.conv2(self.clip(self.conv1(x))))
+
+
+def test_a_channel_clip_in_a_block_learns_as_through_autograd(monkeypatch):
+    """Reconstruction runs a block's ChannelClip with its own gradient (ReconstructionClip): the same
+    steps as PyTorch's autograd through the model's ChannelClip, which the model keeps."""
+    model, block, layers, inputs, targets = block_setup(variant=ClippedResBlock)
+    config = ae.QuantConfig(iterations=12, batch_size=8, warm_start=0.25)
+    used, own = [], blocks_mod.ReconstructionClip
+    monkeypatch.setattr(blocks_mod, "ReconstructionClip", lambda clip: used.append(clip) or own(clip))
+    fast = reconstruct_block(block_module(model, block), layers, inputs, targets, config, seed=7)
+    assert used == [model.block1.clip] and isinstance(model.block1.clip, ChannelClip)
+    monkeypatch.setattr(blocks_mod, "ReconstructionClip", lambda clip: clip)
+    plain = reconstruct_block(block_module(model, block), layers, inputs, targets, config, seed=7)
+    hidden = model.block1.conv1(inputs)
+    upper = model.block1.clip.upper.view(-1, 1, 1)
+    assert (hidden > upper).double().mean() > 0.05  # the clip clips
+    for name in fast.v:
+        torch.testing.assert_close(fast.v[name], plain.v[name], rtol=1e-10, atol=1e-10)
+        assert torch.equal(fast.codes[name], plain.codes[name])
 
 
 class ReadsTheRelu(nn.Module):

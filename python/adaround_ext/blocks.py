@@ -28,7 +28,7 @@ from ._ops import _compute_dtype, fake_quantize_activation, hard_quantize, init_
 from .activation_ranges import RangeObserver, activation_grid
 from .layer_kinds import LAYER_KINDS
 from .live_taps import live_window
-from .modules import set_submodule
+from .modules import ChannelClip, set_submodule
 
 log = logging.getLogger("adaround_ext")
 
@@ -37,9 +37,12 @@ log = logging.getLogger("adaround_ext")
 BLOCK_TYPES = ("BasicBlock", "Bottleneck", "InvertedResidual")
 _ADDS = (operator.add, operator.iadd, torch.add)
 EVAL_CHUNK = 128  # samples per forward when the errors are measured on the whole cache
-# Output positions per sample up to which a 1x1 convolution runs as a matrix product: where
-# optimize_layer's unfolded GEMM path runs small maps.
+# Output positions per sample up to which a 1x1 convolution on NCHW data runs as a matrix product
+# (over a copy of its rows): where optimize_layer's unfolded GEMM path runs small maps.
 LINEAR_MAX_POSITIONS = _C.gemm_max_positions
+# ... and up to which a larger kernel does, over its unfolded input: the unfolding and its gradient
+# (a scatter back onto the map) cost more than they save from 16 positions on (benchmarks/README.md).
+UNFOLDED_MAX_POSITIONS = 4
 
 
 @dataclass
@@ -243,12 +246,12 @@ class SoftLayer(nn.Module):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         weight = self.weight
-        if self.kind == "conv2d" and x.is_cpu and _pointwise(weight, self.geometry) and (
-                x.shape[2] * x.shape[3] <= LINEAR_MAX_POSITIONS):
-            # On small maps a 1x1 convolution is cheaper, forward and backward, as a matrix product over
-            # the [n, H, W, C] rows: no convolution setup. Its output is NHWC in memory (as a grouped
-            # convolution's), so a .view() of it in the model's code after the layer would refuse.
-            return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), self.bias).permute(0, 3, 1, 2)
+        if self.kind == "conv2d" and x.is_cpu and _runs_as_matrix_product(x, weight, self.geometry):
+            # On small maps a dense convolution is cheaper, forward and backward, as a matrix product over
+            # the rows of its unfolded input: no convolution setup. Its output is NHWC in memory (as a
+            # grouped convolution's), so a .view() of it in the model's code after the layer would refuse.
+            rows = _unfolded_rows(x, weight.shape[2:], self.geometry["stride"], self.geometry["padding"])
+            return F.linear(rows, weight.permute(0, 2, 3, 1).flatten(1), self.bias).permute(0, 3, 1, 2)
         if self.kind == "conv2d" and self.geometry["groups"] > 1 and x.is_cpu:
             # oneDNN's grouped (depthwise) convolutions run several times faster on NHWC data (the
             # output stays NHWC, so the layers after it run on NHWC too).
@@ -258,10 +261,31 @@ class SoftLayer(nn.Module):
         return LAYER_KINDS[self.kind].apply(x, weight, self.bias, **self.geometry)
 
 
-def _pointwise(weight, geometry) -> bool:
-    """A 1x1, stride-1, unpadded, ungrouped convolution: a matrix product at every position."""
-    return (weight.shape[2:] == (1, 1) and tuple(geometry["stride"]) == (1, 1)
-            and tuple(geometry["padding"]) == (0, 0) and geometry["groups"] == 1)
+def _runs_as_matrix_product(x, weight, geometry) -> bool:
+    """Whether an ungrouped, undilated 2-D convolution runs as a matrix product: a 1x1, stride-1,
+    unpadded one on NHWC data (its rows are the input's, no copy), or on up to LINEAR_MAX_POSITIONS
+    output positions per sample; any other on up to UNFOLDED_MAX_POSITIONS."""
+    if geometry["groups"] != 1 or tuple(geometry["dilation"]) != (1, 1):
+        return False
+    stride, padding, kernel = tuple(geometry["stride"]), tuple(geometry["padding"]), tuple(weight.shape[2:])
+    positions = math.prod((size + 2 * p - k) // s + 1 for size, k, s, p in zip(x.shape[2:], kernel, stride, padding))
+    if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        return positions <= LINEAR_MAX_POSITIONS or x.is_contiguous(memory_format=torch.channels_last)
+    return positions <= UNFOLDED_MAX_POSITIONS
+
+
+def _unfolded_rows(x, kernel, stride, padding) -> torch.Tensor:
+    """[n, H_out, W_out, kh * kw * C]: each output position's input taps, tap-major and channel-minor
+    (the order of weight.permute(0, 2, 3, 1)); a view of NHWC data for a 1x1, stride-1, unpadded
+    kernel."""
+    if tuple(padding) != (0, 0):
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    x = x.permute(0, 2, 3, 1)
+    if tuple(kernel) == (1, 1) and tuple(stride) == (1, 1):
+        return x
+    # [n, H_out, W_out, C, kh, kw] windows -> taps before channels
+    windows = x.unfold(1, kernel[0], stride[0]).unfold(2, kernel[1], stride[1])
+    return windows.permute(0, 1, 2, 4, 5, 3).flatten(3)
 
 
 class GroupedConv2d(torch.autograd.Function):
@@ -288,6 +312,37 @@ class GroupedConv2d(torch.autograd.Function):
         if direct:
             grad_w = _C.depthwise_weight_grad(grad, x, weight.shape[2:], g["stride"], g["padding"], g["dilation"])
         return grad_x, grad_w, grad_b, None
+
+
+class ClipWithMaskGradient(torch.autograd.Function):
+    """clamp(x, 0, upper) with `upper` broadcast over x (a ChannelClip's values: the same two
+    elementwise ops), its gradient passed where 0 < x < upper as two threshold masks: the
+    ChannelClip's torch.minimum splits ties in its backward through several passes over boolean
+    tensors, which cost the CPU many times the clip itself. Only the ties' gradients differ."""
+
+    @staticmethod
+    def forward(ctx, x, upper):
+        ctx.save_for_backward(x, upper)
+        return torch.minimum(x.clamp(min=0), upper)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, upper = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad, x, 0)
+        return torch.ops.aten.threshold_backward(grad, upper - x, 0), None
+
+
+class ReconstructionClip(nn.Module):
+    """A ChannelClip (a ReLU6 after cross-layer equalization) of a block under reconstruction."""
+
+    def __init__(self, clip: ChannelClip):
+        super().__init__()
+        self.upper, self.channel_dim = clip.upper, clip.channel_dim
+
+    def forward(self, x):
+        trailing = x.dim() - 1 - self.channel_dim % x.dim()  # dimensions after the channels
+        return ClipWithMaskGradient.apply(x, self.upper.to(x.dtype).view(-1, *[1] * trailing))
 
 
 @dataclass
@@ -437,6 +492,9 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
     for layer in layers:
         soft_layers[layer.name] = SoftLayer(layer.kind, layer.bias, layer.geometry)
         set_submodule(block_gm, layer.name, soft_layers[layer.name])
+    for name, module in list(block_gm.named_modules()):
+        if isinstance(module, ChannelClip):
+            set_submodule(block_gm, name, ReconstructionClip(module))
     windows = _live_windows(block_gm, soft_layers, layers, inputs, device)
     states = {layer.name: _Rounding(layer, windows[layer.name][0] if layer.name in windows else None)
               for layer in layers}

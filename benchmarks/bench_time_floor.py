@@ -21,14 +21,12 @@ import torch.nn.functional as F
 
 from common import median_time, print_table
 
+from adaround_ext import _C  # noqa: E402
 from adaround_ext.folding import fold_batchnorm  # noqa: E402
 from adaround_ext.quantize import execution_order, following_activations  # noqa: E402
 from adaround_testbed.testbed import network  # noqa: E402
 
 GEMM_MAX_POSITIONS = 16  # kGemmMaxPositions in csrc/loop/choose_path.cpp
-WINOGRAD_MIN_CHANNELS = 16  # kWinogradMinChannels
-WINOGRAD_MIN_POSITIONS = 16  # kWinogradMinPositions
-WINOGRAD_LARGE_TILE_MIN_POSITIONS = 64  # kLargeTileMinPositions in csrc/cpu/winograd_path.cpp
 
 
 def median_ms(fn, repeats=15):
@@ -66,14 +64,11 @@ def exact_is_cheaper(out, k, positions, batch, iterations, samples):
 
 
 def winograd_tile(module, out_size):
-    """The output tile side choose_tile in csrc/cpu/winograd_path.cpp chooses (0: no Winograd)."""
+    """The output tile side choose_path gives the layer (0: no Winograd)."""
     if not (isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.stride == (1, 1)
-            and module.dilation == (1, 1) and module.groups == 1 and module.in_channels >= WINOGRAD_MIN_CHANNELS
-            and out_size.numel() >= WINOGRAD_MIN_POSITIONS):
+            and module.dilation == (1, 1) and module.groups == 1):
         return 0
-    if all(s % 4 == 0 for s in out_size) and out_size.numel() >= WINOGRAD_LARGE_TILE_MIN_POSITIONS:
-        return 4
-    return 2 if all(s % 2 == 0 for s in out_size) else 0
+    return _C.winograd_tile(module.in_channels, *out_size)
 
 
 def iteration_work(module, in_shape, activation, batch, iterations, samples):

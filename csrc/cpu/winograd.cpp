@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 
@@ -28,6 +29,15 @@ struct Maps<2> {
       out[1] = d[1] + d[2];
       out[2] = d[2] - d[1];
       out[3] = d[1] - d[3];
+    }
+  };
+  struct InputTransposed {
+    template <typename T>
+    void operator()(const T* u, T* out) const {
+      out[0] = u[0];
+      out[1] = u[1] - u[2] + u[3];
+      out[2] = u[1] + u[2] - u[0];
+      out[3] = T(0) - u[3];
     }
   };
   struct Kernel {
@@ -77,6 +87,17 @@ struct Maps<4> {
       out[3] = d[4] - d[2] + T(2) * (d[3] - d[1]);
       out[4] = d[4] - d[2] + T(2) * (d[1] - d[3]);
       out[5] = T(4) * d[1] - T(5) * d[3] + d[5];
+    }
+  };
+  struct InputTransposed {
+    template <typename T>
+    void operator()(const T* u, T* out) const {
+      out[0] = T(4) * u[0];
+      out[1] = T(4) * (u[2] - u[1] + u[5]) + T(2) * (u[4] - u[3]);
+      out[2] = T(0) - T(5) * u[0] - T(4) * (u[1] + u[2]) - u[3] - u[4];
+      out[3] = u[1] - u[2] + T(2) * (u[3] - u[4]) - T(5) * u[5];
+      out[4] = u[0] + u[1] + u[2] + u[3] + u[4];
+      out[5] = u[5];
     }
   };
   struct Kernel {
@@ -186,6 +207,49 @@ Tensor transform_planes(const Tensor& src, const Map& map) {
   return dst;
 }
 
+// Where the (m+2) x (m+2) input tiles of a 3x3 stride-1 convolution sit: tile t (row-major over the
+// output's tiles) at stride m over the padded input; value k of a tile (row-major) at input position
+// (y, x), outside the input where it reads padding.
+struct TileGeometry {
+  int64_t height, width, pad_h, pad_w, tile, side, tiles_w, tiles;
+
+  TileGeometry(at::IntArrayRef input_sizes, at::IntArrayRef padding, int64_t tile)
+      : height(input_sizes[2]), width(input_sizes[3]), pad_h(padding[0]), pad_w(padding[1]), tile(tile),
+        side(tile + 2), tiles_w((width + 2 * pad_w - 2) / tile), tiles((height + 2 * pad_h - 2) / tile * tiles_w) {}
+
+  // The offset of (sample b, position of value k of tile t) in NHWC memory of `channels`, or -1 in padding.
+  int64_t offset(int64_t b, int64_t k, int64_t t, int64_t channels) const {
+    const int64_t y = (t / tiles_w) * tile + k / side - pad_h, x = (t % tiles_w) * tile + k % side - pad_w;
+    if (y < 0 || y >= height || x < 0 || x >= width) return -1;
+    return ((b * height + y) * width + x) * channels;
+  }
+};
+
+// Planar [side^2, n, tiles, C] input tiles: each a C-vector copied from NHWC memory (zeros in padding).
+Tensor planar_input_tiles(const Tensor& inputs, const TileGeometry& geo) {
+  const Tensor x = inputs.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t n = x.size(0), c = x.size(1), points = geo.side * geo.side;
+  Tensor planar = at::empty({points, n, geo.tiles, c}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_input_tiles", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = planar.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, points * n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t kb = begin; kb < end; ++kb) {  // value k of every tile of sample b
+        for (int64_t t = 0; t < geo.tiles; ++t) {
+          scalar_t* to = dst + (kb * geo.tiles + t) * c;
+          const int64_t from = geo.offset(kb % n, kb / n, t, c);
+          if (from < 0) {
+            std::fill(to, to + c, scalar_t(0));
+          } else {
+            std::memcpy(to, src + from, c * sizeof(scalar_t));
+          }
+        }
+      }
+    });
+  });
+  return planar;
+}
+
 }  // namespace
 
 Tensor gather_samples(const Tensor& cache, const Tensor& rows) {
@@ -225,35 +289,44 @@ int64_t winograd_forced_tile() {
   return 0;
 }
 
+Tensor winograd_input_tiles(const Tensor& inputs, at::IntArrayRef padding, int64_t tile) {
+  TORCH_CHECK(inputs.dim() == 4 && padding.size() == 2, "winograd_input_tiles: NCHW inputs and 2 paddings expected");
+  const int64_t out_h = inputs.size(2) + 2 * padding[0] - 2, out_w = inputs.size(3) + 2 * padding[1] - 2;
+  TORCH_CHECK(tile == kWinogradSmallTile || tile == kWinogradLargeTile, "Winograd tile side must be 2 or 4, got ",
+              tile);
+  TORCH_CHECK(out_h > 0 && out_w > 0 && out_h % tile == 0 && out_w % tile == 0, "Winograd: the 3x3 outputs (", out_h,
+              "x", out_w, ") of inputs ", inputs.sizes(), " with padding ", padding, " are not multiples of ", tile);
+  // overlapping tiles -> planar [(m+2)^2, n, tiles, C], then B^T d B of each.
+  const Tensor planar = planar_input_tiles(inputs, TileGeometry(inputs.sizes(), padding, tile));
+  return with_tile(tile, [&](auto m) {
+    constexpr int M = decltype(m)::value;
+    return transform_planes<M + 2, M + 2>(planar, typename Maps<M>::Input{});
+  });
+}
+
+Tensor winograd_tile_outputs(const Tensor& outputs, int64_t tile) {
+  TORCH_CHECK(outputs.dim() == 4 && outputs.size(2) % tile == 0 && outputs.size(3) % tile == 0,
+              "winograd_tile_outputs: [n, O, H, W] outputs in multiples of ", tile, " expected, got ", outputs.sizes());
+  const int64_t n = outputs.size(0), o = outputs.size(1), tiles_h = outputs.size(2) / tile;
+  const int64_t tiles_w = outputs.size(3) / tile;
+  // [n, O, th, m, tw, m] -> [m, m, n, th, tw, O]
+  return outputs.reshape({n, o, tiles_h, tile, tiles_w, tile})
+      .permute({3, 5, 0, 2, 4, 1})
+      .reshape({tile * tile, n, tiles_h * tiles_w, o})
+      .contiguous();  // minibatch gathers and the gradient pass read it densely
+}
+
 WinogradCache winograd_cache(const Tensor& inputs, const Tensor& targets, at::IntArrayRef padding, int64_t tile) {
   TORCH_CHECK(inputs.dim() == 4 && targets.dim() == 4 && padding.size() == 2, "winograd_cache: NCHW caches expected");
-  const int64_t n = inputs.size(0), c = inputs.size(1), o = targets.size(1);
-  const int64_t out_h = targets.size(2), out_w = targets.size(3);
-  TORCH_CHECK(tile == kWinogradSmallTile || tile == kWinogradLargeTile, "winograd_cache: tile must be 2 or 4, got ",
-              tile);
-  TORCH_CHECK(out_h % tile == 0 && out_w % tile == 0 && out_h == inputs.size(2) + 2 * padding[0] - 2 &&
-                  out_w == inputs.size(3) + 2 * padding[1] - 2,
-              "winograd_cache: targets ", targets.sizes(), " are not the 3x3 stride-1 outputs, in multiples of ", tile,
-              ", of inputs ", inputs.sizes(), " with padding ", padding);
-  const int64_t tiles_h = out_h / tile, tiles_w = out_w / tile, side = tile + 2;
+  TORCH_CHECK(targets.size(0) == inputs.size(0) && targets.size(2) == inputs.size(2) + 2 * padding[0] - 2 &&
+                  targets.size(3) == inputs.size(3) + 2 * padding[1] - 2,
+              "winograd_cache: targets ", targets.sizes(), " are not the 3x3 stride-1 outputs of inputs ",
+              inputs.sizes(), " with padding ", padding);
   WinogradCache cache;
   cache.tile = tile;
-  cache.tiles = tiles_h * tiles_w;
-  // [n, C, th, tw, m+2, m+2] overlapping tiles -> planar [(m+2)^2, n, tiles, C], then B^T d B of each.
-  const Tensor padded = at::constant_pad_nd(inputs, {padding[1], padding[1], padding[0], padding[0]});
-  const Tensor tiles = padded.unfold(2, side, tile)
-                           .unfold(3, side, tile)
-                           .permute({4, 5, 0, 2, 3, 1})
-                           .reshape({side * side, n, cache.tiles, c});
-  cache.inputs = with_tile(tile, [&](auto m) {
-    constexpr int M = decltype(m)::value;
-    return transform_planes<M + 2, M + 2>(tiles, typename Maps<M>::Input{});
-  });
-  // [n, O, th, m, tw, m] -> [m, m, n, th, tw, O]
-  cache.targets = targets.reshape({n, o, tiles_h, tile, tiles_w, tile})
-                      .permute({3, 5, 0, 2, 4, 1})
-                      .reshape({tile * tile, n, cache.tiles, o})
-                      .contiguous();  // minibatch gathers and the gradient pass read it densely
+  cache.inputs = winograd_input_tiles(inputs, padding, tile);
+  cache.tiles = cache.inputs.size(2);
+  cache.targets = winograd_tile_outputs(targets, tile);
   return cache;
 }
 
@@ -288,19 +361,75 @@ Tensor winograd_forward(const Tensor& tiles, const Tensor& weights_u, const std:
   return pre;
 }
 
-Tensor winograd_weight_grad(const Tensor& grad_pre, const Tensor& tiles) {
-  const Tensor grad_products = with_tile(tile_of_outputs(grad_pre.size(0)), [&](auto m) {
+namespace {
+
+// dL/d(pre) [m^2, rows, O] -> dL/d(products) [(m+2)^2, rows, O]: the output map transposed.
+Tensor products_grad(const Tensor& grad_pre) {
+  return with_tile(tile_of_outputs(grad_pre.size(0)), [&](auto m) {
     constexpr int M = decltype(m)::value;
     return transform_planes<M, M + 2>(grad_pre, typename Maps<M>::OutputTransposed{});
   });
-  return winograd_weights_grad(at::bmm(tiles.transpose(1, 2), grad_products));  // [P, C, O] -> [O, C, 3, 3]
+}
+
+// Planar [side^2, n, tiles, C] gradients of the (overlapping) input tiles summed into dL/dx
+// [n, C, H, W] (NHWC in memory); the padding's are dropped. planar_input_tiles' transpose.
+Tensor add_overlapping_tiles(const Tensor& grad_tiles, at::IntArrayRef input_sizes, const TileGeometry& geo) {
+  const int64_t n = input_sizes[0], c = input_sizes[1], points = geo.side * geo.side;
+  TORCH_CHECK(grad_tiles.size(0) == points && grad_tiles.numel() == points * n * geo.tiles * c,
+              "winograd_backward: the gradient's ", grad_tiles.sizes(), " do not match inputs ", input_sizes);
+  const Tensor g = grad_tiles.contiguous();
+  Tensor grad_x = at::zeros({n, geo.height, geo.width, c}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "winograd_input_grad", [&] {
+    const scalar_t* src = g.const_data_ptr<scalar_t>();
+    scalar_t* dst = grad_x.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {  // samples write disjoint rows
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t k = 0; k < points; ++k) {
+          for (int64_t t = 0; t < geo.tiles; ++t) {
+            const int64_t to = geo.offset(b, k, t, c);
+            if (to < 0) continue;
+            const scalar_t* from = src + ((k * n + b) * geo.tiles + t) * c;
+            for (int64_t ch = 0; ch < c; ++ch) dst[to + ch] += from[ch];
+          }
+        }
+      }
+    });
+  });
+  return grad_x.permute({0, 3, 1, 2});
+}
+
+}  // namespace
+
+Tensor winograd_weight_grad(const Tensor& grad_pre, const Tensor& tiles) {
+  return winograd_weights_grad(at::bmm(tiles.transpose(1, 2), products_grad(grad_pre)));  // [P, C, O] -> [O, C, 3, 3]
+}
+
+std::tuple<Tensor, Tensor> winograd_backward(const Tensor& grad_pre, const Tensor& tiles, const Tensor& weights_u,
+                                             at::IntArrayRef input_sizes, at::IntArrayRef padding, bool input_grad,
+                                             bool weight_grad) {
+  TORCH_CHECK(input_sizes.size() == 4 && padding.size() == 2, "winograd_backward: NCHW input sizes and 2 paddings");
+  const Tensor grad_products = products_grad(grad_pre);  // [(m+2)^2, rows, O]
+  Tensor grad_x, grad_w;
+  if (weight_grad) grad_w = winograd_weights_grad(at::bmm(tiles.transpose(1, 2), grad_products));
+  if (input_grad) {
+    const int64_t tile = tile_of_points(grad_products.size(0));
+    const Tensor grad_u = at::bmm(grad_products, weights_u.transpose(1, 2));  // [(m+2)^2, rows, C]
+    const Tensor grad_tiles = with_tile(tile, [&](auto m) {
+      constexpr int M = decltype(m)::value;
+      return transform_planes<M + 2, M + 2>(grad_u, typename Maps<M>::InputTransposed{});
+    });
+    grad_x = add_overlapping_tiles(grad_tiles, input_sizes, TileGeometry(input_sizes, padding, tile));
+  }
+  return {grad_x, grad_w};
 }
 
 Tensor winograd_untile(const Tensor& tiled, int64_t out_height, int64_t out_width) {
-  const int64_t tile = tile_of_outputs(tiled.size(0)), n = tiled.size(1), o = tiled.size(3);
+  const int64_t tile = tile_of_outputs(tiled.size(0)), n = tiled.size(1), o = tiled.size(-1);
+  // [m, m, n, th, tw, O] -> [n, th, m, tw, m, O] = NHWC memory
   return tiled.reshape({tile, tile, n, out_height / tile, out_width / tile, o})
-      .permute({2, 5, 3, 0, 4, 1})
-      .reshape({n, o, out_height, out_width});
+      .permute({2, 3, 0, 4, 1, 5})
+      .reshape({n, out_height, out_width, o})
+      .permute({0, 3, 1, 2});
 }
 
 }  // namespace adaround::cpu

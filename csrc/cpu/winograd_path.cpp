@@ -9,21 +9,6 @@ namespace {
 
 using at::Tensor;
 
-// Output positions per sample from which a layer whose outputs are multiples of 4 takes F(4x4, 3x3):
-// fewer multiply-adds than F(2x2, 3x3), larger transforms per weight (benchmarks/README.md).
-constexpr int64_t kLargeTileMinPositions = 64;
-
-// The tile side for these outputs, 0 where none fits: ADAROUND_WINOGRAD=2 or 4 where the outputs
-// allow, else the large tile on large enough maps, else the small one.
-int64_t choose_tile(const PathInputs& in) {
-  const auto fits = [&](int64_t tile) { return in.targets.size(2) % tile == 0 && in.targets.size(3) % tile == 0; };
-  const int64_t forced = cpu::winograd_forced_tile();
-  if (forced != 0 && fits(forced)) return forced;
-  if (fits(cpu::kWinogradLargeTile) && in.layer.positions >= kLargeTileMinPositions) return cpu::kWinogradLargeTile;
-  if (fits(cpu::kWinogradSmallTile)) return cpu::kWinogradSmallTile;
-  return 0;
-}
-
 class WinogradPath final : public ExecutionPath {
  public:
   WinogradPath(const PathInputs& in, int64_t tile)
@@ -47,10 +32,7 @@ class WinogradPath final : public ExecutionPath {
 
 }  // namespace
 
-std::unique_ptr<ExecutionPath> make_winograd_path(const PathInputs& in) {
-  if (!cpu::winograd_enabled()) return nullptr;  // ADAROUND_WINOGRAD=0: measure the path it replaces
-  const int64_t tile = choose_tile(in);
-  if (tile == 0) return nullptr;
+std::unique_ptr<ExecutionPath> make_winograd_path(const PathInputs& in, int64_t tile) {
   const int64_t tiles = in.layer.positions / cpu::winograd_outputs(tile);
   if (cpu::winograd_points(tile) * in.inputs.size(0) * tiles * in.inputs.size(1) > kMaxRelaidElements) return nullptr;
   return std::make_unique<WinogradPath>(in, tile);

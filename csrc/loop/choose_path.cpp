@@ -1,6 +1,7 @@
 // choose_path(): every device and shape condition that picks a layer's execution path. The CPU
 // thresholds are where one path measured faster than the next on ResNet layers (the figures are in
 // benchmarks/README.md); they change speed only, never the result beyond float rounding.
+#include "cpu/winograd.h"
 #include "device/emulation.h"
 #include "loop/execution_path.h"
 
@@ -11,6 +12,9 @@ namespace {
 // run as Winograd: below, transforming the weights each iteration outweighs the saved products.
 constexpr int64_t kWinogradMinChannels = 16;
 constexpr int64_t kWinogradMinPositions = 16;
+// Output positions per sample from which outputs in multiples of 4 take F(4x4, 3x3): fewer
+// multiply-adds than F(2x2, 3x3), larger transforms per weight.
+constexpr int64_t kLargeTileMinPositions = 64;
 // Up to this many output positions the weight gradient alone is one im2col GEMM per iteration
 // (the library's weight gradient is slow on tiny maps).
 constexpr int64_t kIm2colGradMaxPositions = 8;
@@ -47,7 +51,7 @@ bool winograd_shape(const PathInputs& in) {
   for (int64_t d = 0; d < 2; ++d) {
     if (layer.stride[d] != 1 || layer.dilation[d] != 1) return false;
   }
-  return in.inputs.size(1) >= kWinogradMinChannels && layer.positions >= kWinogradMinPositions;
+  return true;
 }
 
 bool unfolded_gemm_shape(const PathInputs& in) {
@@ -65,6 +69,17 @@ bool channels_last_shape(const PathInputs& in) {
 
 }  // namespace
 
+int64_t winograd_tile(int64_t in_channels, int64_t out_height, int64_t out_width) {
+  if (!cpu::winograd_enabled()) return 0;  // ADAROUND_WINOGRAD=0: measure the path it replaces
+  const int64_t positions = out_height * out_width;
+  if (in_channels < kWinogradMinChannels || positions < kWinogradMinPositions) return 0;
+  const auto fits = [&](int64_t tile) { return out_height % tile == 0 && out_width % tile == 0; };
+  const int64_t forced = cpu::winograd_forced_tile();
+  if (forced != 0 && fits(forced)) return forced;
+  if (fits(cpu::kWinogradLargeTile) && positions >= kLargeTileMinPositions) return cpu::kWinogradLargeTile;
+  return fits(cpu::kWinogradSmallTile) ? cpu::kWinogradSmallTile : 0;
+}
+
 bool cpu_paths_allowed(const at::Tensor& weight) { return weight.is_cpu() && !emulation::enabled(); }
 
 std::unique_ptr<ExecutionPath> choose_path(const PathInputs& in, const OptimizeOptions& opt, bool cpu_paths) {
@@ -74,8 +89,9 @@ std::unique_ptr<ExecutionPath> choose_path(const PathInputs& in, const OptimizeO
   const bool im2col_weight_grad =
       cpu_paths && in.layer.spatial > 0 && !in.layer.transposed && in.layer.positions <= kIm2colGradMaxPositions;
   if (cpu_paths) {
-    if (winograd_shape(in)) {
-      if (auto path = make_winograd_path(in)) return path;
+    const int64_t tile = winograd_shape(in) ? winograd_tile(in.inputs.size(1), in.targets.size(2), in.targets.size(3)) : 0;
+    if (tile != 0) {
+      if (auto path = make_winograd_path(in, tile)) return path;
     }
     if (unfolded_gemm_shape(in)) return make_unfolded_gemm_path(in);
     if (channels_last_shape(in)) return make_channels_last_path(in, im2col_weight_grad);

@@ -61,6 +61,11 @@ bool cpu_paths_allowed(const at::Tensor& weight);
 // in the cache.
 std::unique_ptr<ExecutionPath> choose_path(const PathInputs& in, const OptimizeOptions& options, bool cpu_paths);
 
+// The Winograd tile side m (cpu/winograd.h) a CPU 3x3, stride-1, undilated, ungrouped convolution
+// with these input channels and outputs runs with; 0: none (the direct computation). The rule of
+// choose_path, which block reconstruction's convolutions follow too.
+int64_t winograd_tile(int64_t in_channels, int64_t out_height, int64_t out_width);
+
 // ---- the paths (each make_* in its own file) --------------------------------------------------
 // Full-data Gram form of the identity-activation loss (exact_gram_path.cpp).
 std::unique_ptr<ExecutionPath> make_exact_gram_path(const PathInputs& in);
@@ -72,9 +77,9 @@ std::unique_ptr<ExecutionPath> make_eager_path(const PathInputs& in, bool im2col
 std::unique_ptr<ExecutionPath> make_unfolded_gemm_path(const PathInputs& in);
 // CPU: the eager computation on channels-last copies of the caches (cpu/channels_last_path.cpp).
 std::unique_ptr<ExecutionPath> make_channels_last_path(const PathInputs& in, bool im2col_weight_grad);
-// CPU: Winograd F(m x m, 3x3) over caches transformed once; nullptr where no implemented tile fits
-// the outputs, the transformed caches would not fit, or ADAROUND_WINOGRAD=0 (cpu/winograd_path.cpp).
-std::unique_ptr<ExecutionPath> make_winograd_path(const PathInputs& in);
+// CPU: Winograd F(tile x tile, 3x3) over caches transformed once; nullptr where the transformed
+// caches would not fit (cpu/winograd_path.cpp).
+std::unique_ptr<ExecutionPath> make_winograd_path(const PathInputs& in, int64_t tile);
 
 }  // namespace adaround::loop
 

@@ -76,7 +76,9 @@ def test_ctrl_c_interrupts_a_long_run():
     """Was: still running 20 s after SIGINT (the loop holds the thread with the GIL released). The
     child says when the loop has counted its first iterations, so the signal lands inside it."""
     child = textwrap.dedent("""
-        import sys, threading, time, torch
+        import signal, sys, threading, time, torch
+        # Python leaves SIGINT ignored where it started so (a background job of a non-interactive shell)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, "python")
         import adaround_ext as ae
         from adaround_ext import _C

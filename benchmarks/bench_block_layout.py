@@ -11,7 +11,7 @@ import argparse
 import statistics
 import time
 
-from common import print_table, setting_config, testbed_model_and_data
+from common import add_testbed_arguments, print_table, setting_config, testbed_model_and_data
 
 from adaround_ext import blocks, caching, quantize  # noqa: E402
 from adaround_testbed import testbed  # noqa: E402
@@ -23,14 +23,11 @@ def never_channels_last(nodes, device):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--arch", default="resnet18", choices=testbed.ARCHS)
-    p.add_argument("--checkpoint", default=None, help="default runs/fashion_mnist_<arch>.pt")
+    add_testbed_arguments(p)
     p.add_argument("--setting", default="w2a4")
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples", type=int, default=1024)
-    p.add_argument("--eval-images", type=int, default=10000)
     args = p.parse_args()
     model, calib, test, fp32 = testbed_model_and_data(args)
     config = setting_config(args.setting, args.iterations, args.samples, args.seed, reconstruction="block")

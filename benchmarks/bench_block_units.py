@@ -11,21 +11,17 @@ Run it alone: the ratios are what carries over to another machine.
 import argparse
 import collections
 
-from common import print_table, setting_config, testbed_model_and_data
+from common import add_testbed_arguments, print_table, setting_config, testbed_model_and_data
 
 from adaround_ext import quantize  # noqa: E402
-from adaround_testbed import testbed  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--arch", default="resnet18", choices=testbed.ARCHS)
-    p.add_argument("--checkpoint", default=None, help="default runs/fashion_mnist_<arch>.pt")
+    add_testbed_arguments(p, eval_images=1000, eval_help="only for the FP32 line")
     p.add_argument("--setting", default="w4a4")
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples", type=int, default=1024)
-    p.add_argument("--eval-images", type=int, default=1000, help="only for the FP32 line")
     args = p.parse_args()
     model, calib, _, fp32 = testbed_model_and_data(args)
     reports = {}

@@ -11,7 +11,7 @@ adaround-quantize-resnet --arch <arch>). Settings are the main job's (adaround_t
 import argparse
 import time
 
-from common import mean_spread, print_table, testbed_model_and_data
+from common import add_testbed_arguments, mean_spread, print_table, testbed_model_and_data
 
 from adaround_ext import QuantConfig, quantize  # noqa: E402
 from adaround_testbed import testbed  # noqa: E402
@@ -20,14 +20,11 @@ from adaround_testbed.cli import SETTINGS  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--arch", default="mobilenet_v2", choices=testbed.ARCHS)
-    p.add_argument("--checkpoint", default=None, help="default runs/fashion_mnist_<arch>.pt")
+    add_testbed_arguments(p, arch="mobilenet_v2")
     p.add_argument("--settings", default="w4-pt,w4a8-paper")
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--seeds", default="0")
     p.add_argument("--plain-seeds", default=None, help="seeds of the runs without CLE (default --seeds)")
-    p.add_argument("--samples", type=int, default=1024)
-    p.add_argument("--eval-images", type=int, default=10000)
     args = p.parse_args()
     model, calib, test, fp32 = testbed_model_and_data(args)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 
-from common import mean_spread, print_table, testbed_model_and_data
+from common import add_testbed_arguments, mean_spread, print_table, testbed_model_and_data
 
 from adaround_ext import QuantConfig, quantize  # noqa: E402
 from adaround_testbed import testbed  # noqa: E402
@@ -38,14 +38,11 @@ DEFAULT_COLUMNS = ("layer-wise", "block", "block+QDrop+steps")
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--arch", default="resnet18", choices=testbed.ARCHS)
-    p.add_argument("--checkpoint", default=None, help="default runs/fashion_mnist_<arch>.pt")
+    add_testbed_arguments(p)
     p.add_argument("--settings", default="w4a4,w2a4")
     p.add_argument("--columns", default=",".join(DEFAULT_COLUMNS), help=f"of {', '.join(RECONSTRUCTIONS)}")
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--seeds", default="0")
-    p.add_argument("--samples", type=int, default=1024)
-    p.add_argument("--eval-images", type=int, default=10000)
     p.add_argument("--activation-bits", default="setting", help="2 to 8, or none (float activations); "
                    "default: the setting's")
     p.add_argument("--first-last-bits", type=int, default=None,

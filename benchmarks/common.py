@@ -54,6 +54,16 @@ def mean_spread(values):
     return f"{statistics.mean(values):.2f}{spread}"
 
 
+def add_testbed_arguments(parser, arch="resnet18", eval_images=10000, eval_help=None):
+    """--arch, --checkpoint, --samples and --eval-images: what testbed_model_and_data reads."""
+    from adaround_testbed import testbed
+
+    parser.add_argument("--arch", default=arch, choices=testbed.ARCHS)
+    parser.add_argument("--checkpoint", default=None, help="default runs/fashion_mnist_<arch>.pt")
+    parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--eval-images", type=int, default=eval_images, help=eval_help)
+
+
 def testbed_model_and_data(args):
     """(model, calibration images, (test images, labels), FP32 accuracy) for a benchmark's --arch,
     --checkpoint (default runs/fashion_mnist_<arch>.pt), --samples and --eval-images."""

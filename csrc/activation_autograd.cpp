@@ -1,8 +1,9 @@
-// Autograd of fake_quantize_activation (schema in activation_ops.cpp), in C++ as torchvision's
-// ops/autograd: block reconstruction differentiates through it for every quantized layer at every
-// iteration, often on activations of a few KiB, where a Python autograd formula's per-call overhead
-// exceeds the kernel's own time. The gradients are the backward op's: straight through the rounding
-// for the input, LSQ's for the step; the zero point, grid, clamp and draws are constants.
+// Autograd of fake_quantize_activation and channel_clip (schemas in activation_ops.cpp), in C++ as
+// torchvision's ops/autograd: block reconstruction differentiates through them for every layer at
+// every iteration, often on activations of a few KiB, where a Python autograd formula's per-call
+// overhead exceeds the kernel's own time. The gradients are the backward ops': for the quantizer
+// straight through the rounding for the input, LSQ's for the step (the zero point, grid, clamp and
+// draws are constants); for the clip the input's, its bounds constants.
 #include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -74,10 +75,41 @@ Tensor fake_quantize_activation_autograd(const Tensor& input, const Tensor& scal
                                                drop_probability, drop_seed);
 }
 
+// channel_clip's: the input's gradient from channel_clip_backward; the bounds are constants.
+class ChannelClipFunction : public torch::autograd::Function<ChannelClipFunction> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& upper, int64_t dim) {
+    ctx->save_for_backward({input, upper});
+    ctx->saved_data["dim"] = dim;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ops::channel_clip(input, upper, dim);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    Tensor grad_input;
+    if (ctx->needs_input_grad(0)) {
+      grad_input = ops::channel_clip_backward(grad_outputs[0], saved[0], saved[1], ctx->saved_data.at("dim").toInt());
+    }
+    return {grad_input, Tensor(), Tensor()};
+  }
+};
+
+Tensor channel_clip_autograd(const Tensor& input, const Tensor& upper, int64_t dim) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && upper.requires_grad()),
+              "upper must not require grad: channel_clip's bounds are constants");
+  if (!at::GradMode::is_enabled() || !input.requires_grad()) {  // no graph to record
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ops::channel_clip(input, upper, dim);
+  }
+  return ChannelClipFunction::apply(input, upper, dim);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(adaround, Autograd, m) {
   m.impl("fake_quantize_activation", &fake_quantize_activation_autograd);
+  m.impl("channel_clip", &channel_clip_autograd);
 }
 
 }  // namespace adaround

@@ -1,5 +1,5 @@
-// Argument checks and operand layout of the activation fake-quantization ops (schemas in
-// csrc/activation_ops.cpp), shared by every back end.
+// Argument checks and operand layout of the activation ops (schemas in csrc/activation_ops.cpp): the
+// fake quantization and the per-channel clip, shared by every back end.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,5 +37,22 @@ ActivationQuantCall prepare_activation_quant(const at::Tensor& input, const at::
                                              std::optional<double> clamp_min, std::optional<double> clamp_max,
                                              double drop_probability, int64_t drop_seed,
                                              const std::optional<at::Tensor>& grad_output = std::nullopt);
+
+// A per-channel clip call once its arguments passed their checks. The input is laid out as for the
+// fake quantization; the channel of element i of its memory is then (i / channel_stride) % channels
+// in every dense stride order. grad_output (when given) is laid out as the input; upper is
+// contiguous, in the input's compute type (float for half inputs), on the input's device.
+struct ChannelClipCall {
+  at::Tensor input;
+  at::Tensor grad_output;  // the input's dtype, or undefined
+  at::Tensor upper;
+  int64_t channels = 1;
+  int64_t channel_stride = 1;
+};
+
+// Checks every argument (errors name it); upper's values (no NaN, none negative) only where they are
+// in CPU memory, as for the fake quantization's step.
+ChannelClipCall prepare_channel_clip(const at::Tensor& input, const at::Tensor& upper, int64_t dim,
+                                     const std::optional<at::Tensor>& grad_output = std::nullopt);
 
 }  // namespace adaround

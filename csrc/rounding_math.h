@@ -272,6 +272,21 @@ C10_HOST_DEVICE inline void fake_quantize_activation_grad(T x, typename Ops::Mas
   d_scale = Ops::select(keep_float, T(0), Ops::select(inside, level - y * g.inv_scale, level));
 }
 
+// ---- Per-channel clip to [0, upper_c] (a ReLU6 after cross-layer equalization) ----------------
+// The value min(max(x, 0), upper), as torch.minimum(x.clamp(min=0), upper) computes it; a NaN x
+// stays NaN.
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T channel_clip(T x, T upper) {
+  return clamp<T, Ops>(x, T(0), upper);
+}
+
+// Its input gradient: grad where the clip passes x (0 < x < upper, as two threshold masks), else 0
+// (a select, so that an infinite grad does not turn into NaN); ties with a bound pass nothing.
+template <typename T, typename Ops = ScalarOps<T>>
+C10_HOST_DEVICE inline T channel_clip_backward(T grad, T x, T upper) {
+  return Ops::select(Ops::both(x > T(0), x < upper), grad, T(0));
+}
+
 // Activation in the reconstruction loss.
 enum class Activation : int { kNone = 0, kRelu = 1, kRelu6 = 2 };
 

@@ -104,7 +104,7 @@ if ((DRY_RUN)); then
 fi
 run_part tests 240 60 "$PY" -m pytest -q -rfE -m cuda -p no:cacheprovider --continue-on-collection-errors --junitxml="$OUT/junit-cuda.xml"
 # memcheck: the ops' CUDA kernels under the sanitizer (slow: a few small cases).
-MEMCHECK_TESTS=(tests/test_cuda_device.py tests/test_activation_quant.py
+MEMCHECK_TESTS=(tests/test_cuda_device.py tests/test_activation_quant.py tests/test_channel_clip.py
   -k "step_ops or (rounding_ops and asymmetric and float32) or (cuda_kernels_equal_the_cpu_kernels and not emulated)")
 if ((DRY_RUN)); then
   note "memcheck: selects $("$PY" -m pytest -q --collect-only -p no:cacheprovider "${MEMCHECK_TESTS[@]}" 2>/dev/null | tail -1)"

@@ -111,6 +111,38 @@ def test_grouped_conv2d_gradients_without_bias_or_input_gradient_on_channels_las
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("size, kernel, stride, padding, channels_last, weighted_sum", [
+    (1, 1, 1, 0, False, True),   # MobileNetV2's 1x1 maps, the 3x3 kernel cropped to its live tap
+    (2, 2, 2, 0, True, True),    # its stride-2 block on a 2x2 map, cropped to 2x2
+    (1, 1, 2, 0, True, True),
+    (2, 3, 1, 1, True, False),   # padded: several output positions, the grouped convolution
+])
+def test_a_depthwise_kernel_over_its_whole_map_is_a_weighted_sum_equal_to_the_convolution(
+        monkeypatch, size, kernel, stride, padding, channels_last, weighted_sum):
+    grouped = []
+    apply = GroupedConv2d.apply
+    monkeypatch.setattr(GroupedConv2d, "apply", lambda *a: grouped.append(1) or apply(*a))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 6, size, size, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = torch.randn(6, 1, kernel, kernel, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    geometry = dict(stride=(stride, stride), padding=(padding, padding), dilation=(1, 1), groups=6)
+    layer = SoftLayer("conv2d", bias, geometry)
+    layer.weight = weight
+    out = layer(x)
+    expected = F.conv2d(x, weight, bias, **geometry)
+    assert bool(grouped) != weighted_sum
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, (x, weight, bias), grad)
+    want = torch.autograd.grad(expected, (x, weight, bias), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("size, channels_last", [(1, False), (4, False), (5, False), (5, True), (12, True)])
 def test_a_1x1_convolution_as_a_matrix_product_equals_the_convolution(size, channels_last):
     """NCHW 5x5: past the matrix-product threshold, the library's; on NHWC data always a product."""

@@ -1,5 +1,6 @@
-// CPU kernels of the activation fake-quantization ops (schemas in csrc/activation_ops.cpp): one
-// vectorised pass each way over the activation, the formulas of rounding_math.h.
+// CPU kernels of the activation ops (schemas in csrc/activation_ops.cpp): the fake quantization and
+// the per-channel clip, one vectorised pass each way over the activation, the formulas of
+// rounding_math.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -132,6 +133,84 @@ std::tuple<Tensor, Tensor> fake_quantize_activation_backward_cpu(
   return {grad_input, at::full_like(scale, scale_grad ? total : 0.0)};
 }
 
+// Calls body(begin, end, bound, bound_step) over the elements [0, numel) of a clip's input in
+// parallel, in runs whose element i has the bound bound[(i - begin) * bound_step]: along a row of
+// channels where they are innermost in memory (bound_step 1), else inside one channel (0).
+template <typename T, typename Body>
+void for_each_clip_run(const ChannelClipCall& call, const T* upper, const Body& body) {
+  const int64_t numel = call.input.numel(), channels = call.channels;
+  if (call.channel_stride != 1 || channels == 1) {
+    for_each_channel_run(numel, channels == 1 ? std::max<int64_t>(numel, 1) : call.channel_stride, channels,
+                         [&](int64_t begin, int64_t end, int64_t c) { body(begin, end, upper + c, 0); });
+    return;
+  }
+  at::parallel_for(0, numel, kGrainSize, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t c = i % channels;
+      const int64_t run_end = std::min(end, i + channels - c);
+      body(i, run_end, upper + c, 1);
+      i = run_end;
+    }
+  });
+}
+
+// The FloatVec::size() bounds of the elements from `offset` of a run (see for_each_clip_run); T is
+// float wherever it runs (compiled for every dtype the dispatch names).
+template <typename T>
+FloatVec bounds_at(const T* bound, int64_t bound_step, int64_t offset) {
+  return bound_step ? FloatVec::loadu(bound + offset) : FloatVec(float(bound[0]));
+}
+
+Tensor channel_clip_cpu(const Tensor& input, const Tensor& upper, int64_t dim) {
+  const ChannelClipCall call = prepare_channel_clip(input, upper, dim);
+  Tensor out = at::empty_like(call.input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.input.scalar_type(), "channel_clip_cpu", [&] {
+    using T = opmath_t<scalar_t>;
+    const scalar_t* x = call.input.const_data_ptr<scalar_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    for_each_clip_run(call, call.upper.const_data_ptr<T>(), [&](int64_t begin, int64_t end, const T* bound,
+                                                               int64_t step) {
+      vectorized_run<scalar_t>(
+          begin, end,
+          [&](int64_t i) {
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              channel_clip<FloatVec, VecOps>(FloatVec::loadu(x + i), bounds_at(bound, step, i - begin)).store(y + i);
+            }
+          },
+          [&](int64_t i) { y[i] = scalar_t(channel_clip<T>(T(x[i]), bound[(i - begin) * step])); });
+    });
+  });
+  return out;
+}
+
+Tensor channel_clip_backward_cpu(const Tensor& grad_output, const Tensor& input, const Tensor& upper, int64_t dim) {
+  const ChannelClipCall call = prepare_channel_clip(input, upper, dim, grad_output);
+  Tensor grad_input = at::empty_like(call.input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.input.scalar_type(), "channel_clip_backward_cpu",
+                                  [&] {
+    using T = opmath_t<scalar_t>;
+    const scalar_t* g = call.grad_output.const_data_ptr<scalar_t>();
+    const scalar_t* x = call.input.const_data_ptr<scalar_t>();
+    scalar_t* gx = grad_input.mutable_data_ptr<scalar_t>();
+    for_each_clip_run(call, call.upper.const_data_ptr<T>(), [&](int64_t begin, int64_t end, const T* bound,
+                                                               int64_t step) {
+      vectorized_run<scalar_t>(
+          begin, end,
+          [&](int64_t i) {
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              channel_clip_backward<FloatVec, VecOps>(FloatVec::loadu(g + i), FloatVec::loadu(x + i),
+                                                      bounds_at(bound, step, i - begin))
+                  .store(gx + i);
+            }
+          },
+          [&](int64_t i) {
+            gx[i] = scalar_t(channel_clip_backward<T>(T(g[i]), T(x[i]), bound[(i - begin) * step]));
+          });
+    });
+  });
+  return grad_input;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(adaround, CPU, m) {
@@ -141,6 +220,8 @@ TORCH_LIBRARY_IMPL(adaround, CPU, m) {
          &Route<&fake_quantize_activation_cpu, &ActivationQuant::fake_quantize_activation>::call);
   m.impl("fake_quantize_activation_backward",
          &Route<&fake_quantize_activation_backward_cpu, &ActivationQuant::fake_quantize_activation_backward>::call);
+  m.impl("channel_clip", &Route<&channel_clip_cpu, &ActivationQuant::channel_clip>::call);
+  m.impl("channel_clip_backward", &Route<&channel_clip_backward_cpu, &ActivationQuant::channel_clip_backward>::call);
 }
 
 }  // namespace adaround::cpu

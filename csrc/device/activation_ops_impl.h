@@ -1,4 +1,4 @@
-// The activation fake-quantization ops of a device back end (schemas in csrc/activation_ops.cpp):
+// The activation ops (fake quantization, per-channel clip) of a device back end (schemas in csrc/activation_ops.cpp):
 // checks and layouts from activation_quant.h, dtype dispatch, and the element bodies of
 // element_kernels.h, instantiated with CudaLaunch (cuda/activation_kernels.cu) on the GPU and
 // HostLaunch (emulation.cpp) on the CPU for tests.
@@ -74,6 +74,38 @@ struct ActivationQuantKernels {
         });
     return {grad_input, grad_scale};
   }
+
+  static Tensor channel_clip(const Tensor& input, const Tensor& upper, int64_t dim) {
+    const ChannelClipCall call = prepare_channel_clip(input, upper, dim);
+    [[maybe_unused]] const auto guard = on_device_of<Launch>(call.input, "input");
+    Tensor out = at::empty_like(call.input);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.input.scalar_type(), "channel_clip", [&] {
+      using T = opmath_t<scalar_t>;
+      Launch::elementwise(call.input.numel(), ChannelClipElement<scalar_t, T>{
+                                                  call.input.const_data_ptr<scalar_t>(), call.upper.const_data_ptr<T>(),
+                                                  channel_of(call), out.mutable_data_ptr<scalar_t>()});
+    });
+    return out;
+  }
+
+  static Tensor channel_clip_backward(const Tensor& grad_output, const Tensor& input, const Tensor& upper,
+                                      int64_t dim) {
+    const ChannelClipCall call = prepare_channel_clip(input, upper, dim, grad_output);
+    [[maybe_unused]] const auto guard = on_device_of<Launch>(call.input, "input");
+    Tensor grad_input = at::empty_like(call.input);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.input.scalar_type(), "channel_clip_backward", [&] {
+      using T = opmath_t<scalar_t>;
+      Launch::elementwise(call.input.numel(), ChannelClipBackwardElement<scalar_t, T>{
+                                                  call.grad_output.const_data_ptr<scalar_t>(),
+                                                  call.input.const_data_ptr<scalar_t>(),
+                                                  call.upper.const_data_ptr<T>(), channel_of(call),
+                                                  grad_input.mutable_data_ptr<scalar_t>()});
+    });
+    return grad_input;
+  }
+
+ private:
+  static ChannelOf channel_of(const ChannelClipCall& call) { return {call.channel_stride, call.channels}; }
 };
 
 }  // namespace adaround::device

@@ -182,6 +182,31 @@ struct ActivationScaleGradTerm {
   }
 };
 
+// The per-channel clip of an activation whose element i belongs to channel `channel(i)`.
+template <typename scalar_t, typename T>
+struct ChannelClipElement {
+  const scalar_t* input;
+  const T* upper;
+  ChannelOf channel;
+  scalar_t* out;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    out[i] = scalar_t(channel_clip<T>(T(input[i]), upper[channel(i)]));
+  }
+};
+
+// Its input gradient.
+template <typename scalar_t, typename T>
+struct ChannelClipBackwardElement {
+  const scalar_t* grad_output;
+  const scalar_t* input;
+  const T* upper;
+  ChannelOf channel;
+  scalar_t* grad_input;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    grad_input[i] = scalar_t(channel_clip_backward<T>(T(grad_output[i]), T(input[i]), upper[channel(i)]));
+  }
+};
+
 // d/d(pre) of norm * (f_a(pre) - target)^2.
 template <typename T>
 struct ReconstructionGradElement {

@@ -22,6 +22,7 @@ __all__ = [
     "hard_quantize",
     "init_v",
     "fake_quantize_activation",
+    "channel_clip",
     "rectified_sigmoid",
     "quant_range",
 ]
@@ -82,6 +83,14 @@ def fake_quantize_activation(input, scale, zero_point, quant_min, quant_max, cla
     tensors."""
     return _lib.fake_quantize_activation(input, scale, zero_point, quant_min, quant_max, clamp_min, clamp_max,
                                          float(drop_probability), int(drop_seed))
+
+
+def channel_clip(input, upper, dim=1):
+    """min(max(input, 0), upper[c]) for each element's channel c along `dim`: a ChannelClip (a ReLU6
+    after cross-layer equalization) in one pass, as torch.minimum(input.clamp(min=0), upper) computes
+    it. Differentiable in `input`, its gradient passed where 0 < input < upper; `upper` (one bound per
+    channel, none NaN or negative) is a constant."""
+    return _lib.channel_clip(input, upper, int(dim))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -268,12 +277,25 @@ def _activation_like(input):
     return torch.empty_like(input)
 
 
-# fake_quantize_activation's autograd is in C++ (csrc/activation_autograd.cpp): block reconstruction
-# calls it per layer and iteration on small activations, where a Python formula's overhead would rival
-# the kernel. A _C built before it has none, and PyTorch's fallback would only warn while no gradient flows.
-if not torch._C._dispatch_has_kernel_for_dispatch_key("adaround::fake_quantize_activation", "Autograd"):
-    raise ImportError("adaround_ext._C is older than its Python package (fake_quantize_activation has no "
-                      "autograd kernel): rebuild it (scripts/bootstrap.sh, or setup.py build_ext --inplace)")
+@torch.library.register_fake("adaround::channel_clip")
+def _(input, upper, dim=1):
+    _same_device("input", input, upper=upper)
+    return _activation_like(input)
+
+
+@torch.library.register_fake("adaround::channel_clip_backward")
+def _(grad_output, input, upper, dim=1):
+    _same_device("input", input, grad_output=grad_output, upper=upper)
+    return _activation_like(input)
+
+
+# The activation ops' autograd is in C++ (csrc/activation_autograd.cpp): block reconstruction calls
+# them per layer and iteration on small activations, where a Python formula's overhead would rival the
+# kernel. A _C built before them lacks it, and PyTorch's fallback would only warn while no gradient flows.
+for _op in ("fake_quantize_activation", "channel_clip"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"adaround::{_op}", "Autograd"):
+        raise ImportError(f"adaround_ext._C is older than its Python package ({_op} has no autograd kernel): "
+                          "rebuild it (scripts/bootstrap.sh, or setup.py build_ext --inplace)")
 
 
 @torch.library.register_fake("adaround::reconstruction_grad")

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _C
-from ._ops import _compute_dtype, fake_quantize_activation, hard_quantize, init_v, rectified_sigmoid
+from ._ops import _compute_dtype, channel_clip, fake_quantize_activation, hard_quantize, init_v, rectified_sigmoid
 from .activation_ranges import RangeObserver, activation_grid
 from .layer_kinds import LAYER_KINDS
 from .live_taps import live_window
@@ -255,6 +255,12 @@ class SoftLayer(nn.Module):
         tile = _winograd_tile(x, weight, self.geometry) if self.kind == "conv2d" and x.is_cpu else 0
         if tile:  # fewer products than the library's direct convolution (the per-layer loop's rule)
             return WinogradConv2d.apply(x, weight, self.bias, tuple(self.geometry["padding"]), tile)
+        if self.kind == "conv2d" and x.is_cpu and _covers_its_map_per_channel(x, weight, self.geometry):
+            # One output position per channel and sample (a depthwise kernel over its whole map, as in
+            # MobileNetV2's last blocks once cropped to their live taps): a per-channel weighted sum in
+            # two elementwise ops each way, where a convolution's setup would cost several times more.
+            out = (x * weight.squeeze(1)).sum((2, 3), keepdim=True)
+            return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
         if self.kind == "conv2d" and self.geometry["groups"] > 1 and x.is_cpu:
             # oneDNN's grouped (depthwise) convolutions run several times faster on NHWC data (the
             # output stays NHWC, so the layers after it run on NHWC too).
@@ -275,6 +281,14 @@ def _runs_as_matrix_product(x, weight, geometry) -> bool:
     if kernel == (1, 1) and stride == (1, 1) and padding == (0, 0):
         return positions <= LINEAR_MAX_POSITIONS or x.is_contiguous(memory_format=torch.channels_last)
     return positions <= UNFOLDED_MAX_POSITIONS
+
+
+def _covers_its_map_per_channel(x, weight, geometry) -> bool:
+    """Whether a 2-D convolution is depthwise (one filter per input channel), unpadded and
+    undilated, with its kernel the size of its input map: one output position, whatever the stride."""
+    return (geometry["groups"] == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
+            and tuple(geometry["padding"]) == (0, 0) and tuple(geometry["dilation"]) == (1, 1)
+            and tuple(x.shape[2:]) == tuple(weight.shape[2:]))
 
 
 def _winograd_tile(x, weight, geometry) -> int:
@@ -357,35 +371,18 @@ class WinogradConv2d(torch.autograd.Function):
         return grad_x, grad_w, grad.sum((0, 2, 3)) if need_b else None, None, None
 
 
-class ClipWithMaskGradient(torch.autograd.Function):
-    """clamp(x, 0, upper) with `upper` broadcast over x (a ChannelClip's values: the same two
-    elementwise ops), its gradient passed where 0 < x < upper as two threshold masks: the
-    ChannelClip's torch.minimum splits ties in its backward through several passes over boolean
-    tensors, which cost the CPU many times the clip itself. Only the ties' gradients differ."""
-
-    @staticmethod
-    def forward(ctx, x, upper):
-        ctx.save_for_backward(x, upper)
-        return torch.minimum(x.clamp(min=0), upper)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, upper = ctx.saved_tensors
-        grad = torch.ops.aten.threshold_backward(grad, x, 0)
-        return torch.ops.aten.threshold_backward(grad, upper - x, 0), None
-
-
 class ReconstructionClip(nn.Module):
-    """A ChannelClip (a ReLU6 after cross-layer equalization) of a block under reconstruction."""
+    """A ChannelClip (a ReLU6 after cross-layer equalization) of a block under reconstruction: the
+    same values by torch.ops.adaround.channel_clip, one pass each way with its autograd in C++, where
+    the ChannelClip's clamp and torch.minimum take two passes forward and, splitting ties, several over
+    boolean tensors backward. Only the ties' gradients differ (the op passes none)."""
 
     def __init__(self, clip: ChannelClip):
         super().__init__()
         self.upper, self.channel_dim = clip.upper, clip.channel_dim
 
     def forward(self, x):
-        trailing = x.dim() - 1 - self.channel_dim % x.dim()  # dimensions after the channels
-        return ClipWithMaskGradient.apply(x, self.upper.to(x.dtype).view(-1, *[1] * trailing))
+        return channel_clip(x, self.upper, self.channel_dim)
 
 
 @dataclass
@@ -574,7 +571,8 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
             weights = {name: s.soft.detach().requires_grad_() for name, s in states.items()}
             _set_weights(soft_layers, weights)
             out = block_gm(x)
-            loss = (out - y).pow(2).sum() / (config.batch_size * output_positions(out, channel_dim))
+            # One node each way (the squared differences and their gradient), where sub, pow and sum take three.
+            loss = F.mse_loss(out, y, reduction="sum") / (config.batch_size * output_positions(out, channel_dim))
             # A layer whose output does not reach the block's output differentiably gets a zero gradient.
             grads = torch.autograd.grad(loss, [*weights.values(), *scales], allow_unused=True,
                                         materialize_grads=True)

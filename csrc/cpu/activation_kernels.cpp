@@ -161,6 +161,21 @@ FloatVec bounds_at(const T* bound, int64_t bound_step, int64_t offset) {
   return bound_step ? FloatVec::loadu(bound + offset) : FloatVec(float(bound[0]));
 }
 
+// Calls vec_fn(i, bounds) on the full float vectors of a clip's input and scalar_fn(i, bound) on
+// the rest, each element with its channel's bound.
+template <typename scalar_t, typename T, typename VecFn, typename ScalarFn>
+void for_each_clip_element(const ChannelClipCall& call, const VecFn& vec_fn, const ScalarFn& scalar_fn) {
+  for_each_clip_run(call, call.upper.const_data_ptr<T>(), [&](int64_t begin, int64_t end, const T* bound,
+                                                             int64_t step) {
+    vectorized_run<scalar_t>(
+        begin, end,
+        [&](int64_t i) {
+          if constexpr (std::is_same_v<scalar_t, float>) vec_fn(i, bounds_at(bound, step, i - begin));
+        },
+        [&](int64_t i) { scalar_fn(i, bound[(i - begin) * step]); });
+  });
+}
+
 Tensor channel_clip_cpu(const Tensor& input, const Tensor& upper, int64_t dim) {
   const ChannelClipCall call = prepare_channel_clip(input, upper, dim);
   Tensor out = at::empty_like(call.input);
@@ -168,17 +183,9 @@ Tensor channel_clip_cpu(const Tensor& input, const Tensor& upper, int64_t dim) {
     using T = opmath_t<scalar_t>;
     const scalar_t* x = call.input.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    for_each_clip_run(call, call.upper.const_data_ptr<T>(), [&](int64_t begin, int64_t end, const T* bound,
-                                                               int64_t step) {
-      vectorized_run<scalar_t>(
-          begin, end,
-          [&](int64_t i) {
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              channel_clip<FloatVec, VecOps>(FloatVec::loadu(x + i), bounds_at(bound, step, i - begin)).store(y + i);
-            }
-          },
-          [&](int64_t i) { y[i] = scalar_t(channel_clip<T>(T(x[i]), bound[(i - begin) * step])); });
-    });
+    for_each_clip_element<scalar_t, T>(
+        call, [&](int64_t i, FloatVec u) { channel_clip<FloatVec, VecOps>(FloatVec::loadu(x + i), u).store(y + i); },
+        [&](int64_t i, T u) { y[i] = scalar_t(channel_clip<T>(T(x[i]), u)); });
   });
   return out;
 }
@@ -192,21 +199,12 @@ Tensor channel_clip_backward_cpu(const Tensor& grad_output, const Tensor& input,
     const scalar_t* g = call.grad_output.const_data_ptr<scalar_t>();
     const scalar_t* x = call.input.const_data_ptr<scalar_t>();
     scalar_t* gx = grad_input.mutable_data_ptr<scalar_t>();
-    for_each_clip_run(call, call.upper.const_data_ptr<T>(), [&](int64_t begin, int64_t end, const T* bound,
-                                                               int64_t step) {
-      vectorized_run<scalar_t>(
-          begin, end,
-          [&](int64_t i) {
-            if constexpr (std::is_same_v<scalar_t, float>) {
-              channel_clip_backward<FloatVec, VecOps>(FloatVec::loadu(g + i), FloatVec::loadu(x + i),
-                                                      bounds_at(bound, step, i - begin))
-                  .store(gx + i);
-            }
-          },
-          [&](int64_t i) {
-            gx[i] = scalar_t(channel_clip_backward<T>(T(g[i]), T(x[i]), bound[(i - begin) * step]));
-          });
-    });
+    for_each_clip_element<scalar_t, T>(
+        call,
+        [&](int64_t i, FloatVec u) {
+          channel_clip_backward<FloatVec, VecOps>(FloatVec::loadu(g + i), FloatVec::loadu(x + i), u).store(gx + i);
+        },
+        [&](int64_t i, T u) { gx[i] = scalar_t(channel_clip_backward<T>(T(g[i]), T(x[i]), u)); });
   });
   return grad_input;
 }

@@ -5,8 +5,6 @@ NHWC data, as a block runs them:
   matrix product over its unfolded input (SoftLayer), with and without the input gradient (a block's
   first convolution reads the cached input, the others need it). The ratio decides
   UNFOLDED_MAX_POSITIONS (python/adaround_ext/blocks.py);
-- a 3x3 stride-1 convolution as the library's against WinogradConv2d (the per-layer loop's
-  transforms, with the input gradient), with and without the input gradient;
 - a ChannelClip (a ReLU6 after cross-layer equalization) on mobilenet_v2's activation shapes through
   autograd against ReconstructionClip (torch.ops.adaround.channel_clip).
 
@@ -17,7 +15,7 @@ import torch.nn.functional as F
 
 from common import RESNET18_CONVS, median_time, print_table
 
-from adaround_ext import _C, blocks  # noqa: E402
+from adaround_ext import blocks  # noqa: E402
 from adaround_ext.modules import ChannelClip  # noqa: E402
 
 # (channels, side): mobilenet_v2's expanded activations at 32x32 inputs
@@ -61,34 +59,6 @@ def conv_rows():
                 rows)
 
 
-def winograd_rows():
-    """3x3 stride-1 convolutions: the library's direct form against WinogradConv2d with the tile the
-    rule gives (layer1 and layer2 of the testbed's resnet18, and a 16x16 map as a larger image's)."""
-    shapes = [(name, shape, side) for name, shape, stride, side, _ in RESNET18_CONVS if stride == 1 and shape[2] == 3]
-    shapes.append(("64 channels at 16x16", (64, 64, 3, 3), 16))
-    rows = []
-    for name, shape, side in shapes:
-        for input_grad in (False, True):
-            x = torch.randn(32, shape[1], side, side).contiguous(memory_format=torch.channels_last)
-            x.requires_grad_(input_grad)
-            weight = torch.randn(shape, requires_grad=True)
-            tile = _C.winograd_tile(shape[1], side, side)
-            if tile == 0:
-                continue
-            wanted = [weight, x] if input_grad else [weight]
-            forms = {"library": lambda: F.conv2d(x, weight, None, 1, 1),
-                     "winograd": lambda: blocks.WinogradConv2d.apply(x, weight, None, (1, 1), tile)}
-            times = {}
-            for form, fn in forms.items():
-                def run(fn=fn):
-                    out = fn()
-                    torch.autograd.grad(out, wanted, torch.ones_like(out))
-                times[form] = median_time(lambda: [run() for _ in range(10)], "cpu") / 10
-            rows.append((name, side * side, "yes" if input_grad else "no", tile, f"{times['library'] * 1e3:.2f}",
-                         f"{times['winograd'] * 1e3:.2f}", f"{times['library'] / times['winograd']:.2f}"))
-    print_table(("layer", "positions", "input grad", "tile", "library ms", "winograd ms", "library/winograd"), rows)
-
-
 def clip_rows():
     rows = []
     for channels, side in CLIP_SHAPES:
@@ -106,8 +76,6 @@ def clip_rows():
 
 def main():
     conv_rows()
-    print()
-    winograd_rows()
     print()
     clip_rows()
 

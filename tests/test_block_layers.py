@@ -1,13 +1,13 @@
 """The faster computations block reconstruction runs its layers with, against PyTorch's own: the
 direct depthwise weight gradient (shared with optimize_layer), the grouped convolution built on it,
-convolutions on small maps as matrix products, 3x3 convolutions as Winograd and the ChannelClip's gradient (the activation fake
+convolutions on small maps as matrix products and the ChannelClip's gradient (the activation fake
 quantization: test_activation_quant.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from adaround_ext import _C
-from adaround_ext.blocks import GroupedConv2d, ReconstructionClip, SoftLayer, WinogradConv2d
+from adaround_ext.blocks import GroupedConv2d, ReconstructionClip, SoftLayer
 from adaround_ext.modules import ChannelClip
 
 
@@ -227,40 +227,11 @@ def test_the_reconstruction_clip_equals_the_channel_clip_with_the_clamp_derivati
     assert torch.autograd.gradcheck(fast, (x,))
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("size, padding, tile", [
-    ((8, 8), (1, 1), 4),   # resnet18's layer1 on the testbed
-    ((4, 4), (1, 1), 2),   # its layer2
-    ((6, 10), (0, 1), 2),  # uneven, partly unpadded
-    ((10, 8), (0, 1), 4),
-])
-def test_winograd_convolution_equals_the_convolution(size, padding, tile, channels_last):
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 5, *size, generator=g, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    weight = torch.randn(4, 5, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
-    out = WinogradConv2d.apply(x, weight, bias, padding, tile)
-    expected = F.conv2d(x, weight, bias, padding=padding)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    got = torch.autograd.grad(out, (x, weight, bias), grad)
-    want = torch.autograd.grad(expected, (x, weight, bias), grad)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    few = (x.detach()[:2, :2].clone().requires_grad_(), weight.detach()[:2, :2].clone().requires_grad_())
-    assert torch.autograd.gradcheck(lambda a, w: WinogradConv2d.apply(a, w, None, padding, tile), few)
-
-
-@pytest.mark.parametrize("channels, size, tile", [(16, 8, 4), (16, 4, 2), (8, 8, 0), (16, 2, 0), (16, 6, 2)])
-def test_a_block_runs_3x3_convolutions_as_winograd_where_the_per_layer_loop_does(monkeypatch, channels, size, tile):
-    """At least 16 input channels and 16 output positions; F(4x4) from 64 positions in multiples of 4
-    (choose_path's rule, _C.winograd_tile); float32 within float rounding of the library."""
-    taken, original = [], WinogradConv2d.apply
-    monkeypatch.setattr(WinogradConv2d, "apply", lambda *args: taken.append(args[-1]) or original(*args))
+@pytest.mark.parametrize("channels, size", [(16, 8), (16, 4), (8, 8), (16, 6)])
+def test_a_block_runs_larger_3x3_convolutions_as_the_library_does(channels, size):
+    """Beyond the matrix products' maps a dense 3x3 convolution is the library's own, bit for bit,
+    forward and backward (the per-layer loop's Winograd tiles lost to oneDNN's convolutions inside a
+    block: benchmarks/README.md)."""
     g = torch.Generator().manual_seed(6)
     x = torch.randn(4, channels, size, size, generator=g).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
@@ -268,9 +239,8 @@ def test_a_block_runs_3x3_convolutions_as_winograd_where_the_per_layer_loop_does
     layer = SoftLayer("conv2d", None, dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1))
     layer.weight = weight
     out = layer(x)
-    assert taken == ([tile] if tile else [])
     expected = F.conv2d(x, weight, None, padding=1)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
     grad = torch.randn(out.shape, generator=g)
     for a, b in zip(torch.autograd.grad(out, (x, weight), grad), torch.autograd.grad(expected, (x, weight), grad)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -31,15 +31,6 @@ struct Maps<2> {
       out[3] = d[1] - d[3];
     }
   };
-  struct InputTransposed {
-    template <typename T>
-    void operator()(const T* u, T* out) const {
-      out[0] = u[0];
-      out[1] = u[1] - u[2] + u[3];
-      out[2] = u[1] + u[2] - u[0];
-      out[3] = T(0) - u[3];
-    }
-  };
   struct Kernel {
     template <typename T>
     void operator()(const T* g, T* out) const {
@@ -87,17 +78,6 @@ struct Maps<4> {
       out[3] = d[4] - d[2] + T(2) * (d[3] - d[1]);
       out[4] = d[4] - d[2] + T(2) * (d[1] - d[3]);
       out[5] = T(4) * d[1] - T(5) * d[3] + d[5];
-    }
-  };
-  struct InputTransposed {
-    template <typename T>
-    void operator()(const T* u, T* out) const {
-      out[0] = T(4) * u[0];
-      out[1] = T(4) * (u[2] - u[1] + u[5]) + T(2) * (u[4] - u[3]);
-      out[2] = T(0) - T(5) * u[0] - T(4) * (u[1] + u[2]) - u[3] - u[4];
-      out[3] = u[1] - u[2] + T(2) * (u[3] - u[4]) - T(5) * u[5];
-      out[4] = u[0] + u[1] + u[2] + u[3] + u[4];
-      out[5] = u[5];
     }
   };
   struct Kernel {
@@ -371,56 +351,10 @@ Tensor products_grad(const Tensor& grad_pre) {
   });
 }
 
-// Planar [side^2, n, tiles, C] gradients of the (overlapping) input tiles summed into dL/dx
-// [n, C, H, W] (NHWC in memory); the padding's are dropped. planar_input_tiles' transpose.
-Tensor add_overlapping_tiles(const Tensor& grad_tiles, at::IntArrayRef input_sizes, const TileGeometry& geo) {
-  const int64_t n = input_sizes[0], c = input_sizes[1], points = geo.side * geo.side;
-  TORCH_CHECK(grad_tiles.size(0) == points && grad_tiles.numel() == points * n * geo.tiles * c,
-              "winograd_backward: the gradient's ", grad_tiles.sizes(), " do not match inputs ", input_sizes);
-  const Tensor g = grad_tiles.contiguous();
-  Tensor grad_x = at::zeros({n, geo.height, geo.width, c}, g.options());
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "winograd_input_grad", [&] {
-    const scalar_t* src = g.const_data_ptr<scalar_t>();
-    scalar_t* dst = grad_x.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {  // samples write disjoint rows
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t k = 0; k < points; ++k) {
-          for (int64_t t = 0; t < geo.tiles; ++t) {
-            const int64_t to = geo.offset(b, k, t, c);
-            if (to < 0) continue;
-            const scalar_t* from = src + ((k * n + b) * geo.tiles + t) * c;
-            for (int64_t ch = 0; ch < c; ++ch) dst[to + ch] += from[ch];
-          }
-        }
-      }
-    });
-  });
-  return grad_x.permute({0, 3, 1, 2});
-}
-
 }  // namespace
 
 Tensor winograd_weight_grad(const Tensor& grad_pre, const Tensor& tiles) {
   return winograd_weights_grad(at::bmm(tiles.transpose(1, 2), products_grad(grad_pre)));  // [P, C, O] -> [O, C, 3, 3]
-}
-
-std::tuple<Tensor, Tensor> winograd_backward(const Tensor& grad_pre, const Tensor& tiles, const Tensor& weights_u,
-                                             at::IntArrayRef input_sizes, at::IntArrayRef padding, bool input_grad,
-                                             bool weight_grad) {
-  TORCH_CHECK(input_sizes.size() == 4 && padding.size() == 2, "winograd_backward: NCHW input sizes and 2 paddings");
-  const Tensor grad_products = products_grad(grad_pre);  // [(m+2)^2, rows, O]
-  Tensor grad_x, grad_w;
-  if (weight_grad) grad_w = winograd_weights_grad(at::bmm(tiles.transpose(1, 2), grad_products));
-  if (input_grad) {
-    const int64_t tile = tile_of_points(grad_products.size(0));
-    const Tensor grad_u = at::bmm(grad_products, weights_u.transpose(1, 2));  // [(m+2)^2, rows, C]
-    const Tensor grad_tiles = with_tile(tile, [&](auto m) {
-      constexpr int M = decltype(m)::value;
-      return transform_planes<M + 2, M + 2>(grad_u, typename Maps<M>::InputTransposed{});
-    });
-    grad_x = add_overlapping_tiles(grad_tiles, input_sizes, TileGeometry(input_sizes, padding, tile));
-  }
-  return {grad_x, grad_w};
 }
 
 Tensor winograd_untile(const Tensor& tiled, int64_t out_height, int64_t out_width) {

@@ -17,7 +17,6 @@
 #include <ATen/ATen.h>
 
 #include <optional>
-#include <tuple>
 
 namespace adaround::cpu {
 
@@ -65,16 +64,8 @@ at::Tensor winograd_weights_grad(const at::Tensor& grad_u);
 at::Tensor winograd_forward(const at::Tensor& tiles, const at::Tensor& weights_u, const std::optional<at::Tensor>& bias);
 // ... and dL/d(pre) [m^2, rows, O] gives dL/dW [O, C, 3, 3].
 at::Tensor winograd_weight_grad(const at::Tensor& grad_pre, const at::Tensor& tiles);
-// Both gradients of that forward pass, for a convolution whose input is not a fixed cache (block
-// reconstruction): dL/d(pre) [m^2, n * tiles, O] gives (dL/dx [n, C, H, W], NHWC in memory, for
-// inputs of `input_sizes` padded by `padding`; dL/dW [O, C, 3, 3]), each undefined where not asked
-// for. The input gradient is the transposed maps' (B (.) B^T of each tile's gradient) added over
-// the overlapping tiles.
-std::tuple<at::Tensor, at::Tensor> winograd_backward(const at::Tensor& grad_pre, const at::Tensor& tiles,
-                                                     const at::Tensor& weights_u, at::IntArrayRef input_sizes,
-                                                     at::IntArrayRef padding, bool input_grad, bool weight_grad);
 
-// [m^2, n, tiles, O] in tile layout -> [n, O, H_out, W_out], NHWC in memory.
+// [m^2, n, tiles, O] in tile layout -> [n, O, H_out, W_out], NHWC in memory (for tests and checks).
 at::Tensor winograd_untile(const at::Tensor& tiled, int64_t out_height, int64_t out_width);
 
 }  // namespace adaround::cpu

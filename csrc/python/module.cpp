@@ -8,7 +8,6 @@
 #include <string>
 
 #include "../cpu/depthwise_grad.h"
-#include "../cpu/winograd.h"
 #include "../device/emulation.h"
 #include "../grid.h"
 #include "../iteration_graph.h"
@@ -124,22 +123,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("winograd_tile", &adaround::loop::winograd_tile, pybind11::arg("in_channels"), pybind11::arg("out_height"),
         pybind11::arg("out_width"),
         "Winograd tile side (2 or 4) of a CPU 3x3 stride-1 convolution with these outputs, 0: none (choose_path's rule)");
-  m.def("winograd_input_tiles", &adaround::cpu::winograd_input_tiles, pybind11::arg("inputs"), pybind11::arg("padding"),
-        pybind11::arg("tile"), pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "B^T d B of every input tile of a 3x3 stride-1 convolution: [(m+2)^2, n, tiles, C] (csrc/cpu/winograd.h)");
-  m.def("winograd_weights", &adaround::cpu::winograd_weights, pybind11::arg("weight"), pybind11::arg("tile"),
-        pybind11::call_guard<pybind11::gil_scoped_release>(), "G g G^T of every 3x3 kernel: [(m+2)^2, C, O]");
-  m.def("winograd_forward", &adaround::cpu::winograd_forward, pybind11::arg("tiles"), pybind11::arg("weights_u"),
-        pybind11::arg("bias"), pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "the convolution's outputs in tile layout [m^2, rows, O] from transformed tiles and weights");
-  m.def("winograd_tile_outputs", &adaround::cpu::winograd_tile_outputs, pybind11::arg("outputs"), pybind11::arg("tile"),
-        "[n, O, H, W] outputs in Winograd tile layout, [m^2, n, tiles, O]");
-  m.def("winograd_untile", &adaround::cpu::winograd_untile, pybind11::arg("tiled"), pybind11::arg("out_height"),
-        pybind11::arg("out_width"), "[m^2, n, tiles, O] in tile layout -> [n, O, H, W], NHWC in memory");
-  m.def("winograd_backward", &adaround::cpu::winograd_backward, pybind11::arg("grad_pre"), pybind11::arg("tiles"),
-        pybind11::arg("weights_u"), pybind11::arg("input_sizes"), pybind11::arg("padding"),
-        pybind11::arg("input_grad"), pybind11::arg("weight_grad"), pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "(dL/dx NHWC in memory, dL/dW) of winograd_forward from dL/d(outputs) in tile layout; None where not asked");
   m.def("set_cuda_emulation", &adaround::emulation::set_enabled,
         "routes the CPU ops to the host emulation of their CUDA kernels (csrc/device/emulation.h)");
   m.def("cuda_emulation", &adaround::emulation::enabled, "whether the CUDA kernels are being emulated on the CPU");

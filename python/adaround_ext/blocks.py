@@ -252,9 +252,6 @@ class SoftLayer(nn.Module):
             # grouped convolution's), so a .view() of it in the model's code after the layer would refuse.
             rows = _unfolded_rows(x, weight.shape[2:], self.geometry["stride"], self.geometry["padding"])
             return F.linear(rows, weight.permute(0, 2, 3, 1).flatten(1), self.bias).permute(0, 3, 1, 2)
-        tile = _winograd_tile(x, weight, self.geometry) if self.kind == "conv2d" and x.is_cpu else 0
-        if tile:  # fewer products than the library's direct convolution (the per-layer loop's rule)
-            return WinogradConv2d.apply(x, weight, self.bias, tuple(self.geometry["padding"]), tile)
         if self.kind == "conv2d" and x.is_cpu and _covers_its_map_per_channel(x, weight, self.geometry):
             # One output position per channel and sample (a depthwise kernel over its whole map, as in
             # MobileNetV2's last blocks once cropped to their live taps): a per-channel weighted sum in
@@ -289,16 +286,6 @@ def _covers_its_map_per_channel(x, weight, geometry) -> bool:
     return (geometry["groups"] == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
             and tuple(geometry["padding"]) == (0, 0) and tuple(geometry["dilation"]) == (1, 1)
             and tuple(x.shape[2:]) == tuple(weight.shape[2:]))
-
-
-def _winograd_tile(x, weight, geometry) -> int:
-    """The Winograd tile side of a 3x3, stride-1, undilated, ungrouped float convolution with
-    these outputs (_C.winograd_tile: optimize_layer's rule); 0: none."""
-    if (weight.shape[2:] != (3, 3) or geometry["groups"] != 1 or tuple(geometry["stride"]) != (1, 1)
-            or tuple(geometry["dilation"]) != (1, 1) or x.dtype not in (torch.float32, torch.float64)):
-        return 0
-    padding = geometry["padding"]
-    return _C.winograd_tile(x.shape[1], x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2)
 
 
 def _unfolded_rows(x, kernel, stride, padding) -> torch.Tensor:
@@ -339,36 +326,6 @@ class GroupedConv2d(torch.autograd.Function):
         if direct:
             grad_w = _C.depthwise_weight_grad(grad, x, weight.shape[2:], g["stride"], g["padding"], g["dilation"])
         return grad_x, grad_w, grad_b, None
-
-
-class WinogradConv2d(torch.autograd.Function):
-    """A 3x3, stride-1 convolution as Winograd F(m x m, 3x3) (csrc/cpu/winograd.h): the per-layer
-    loop's transforms and products, with the input gradient a block needs besides the weight's. The
-    output and the input gradient are NHWC in memory (NCHW input: the output is made contiguous)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, padding, tile):
-        n, _, height, width = x.shape
-        out_height, out_width = height + 2 * padding[0] - 2, width + 2 * padding[1] - 2
-        tiles = _C.winograd_input_tiles(x, padding, tile)  # [(m+2)^2, n, tiles, C]
-        tiles = tiles.view(tiles.shape[0], -1, tiles.shape[3])
-        weights_u = _C.winograd_weights(weight, tile)
-        pre = _C.winograd_forward(tiles, weights_u, bias)  # [m^2, n * tiles, O]
-        ctx.save_for_backward(tiles, weights_u)
-        ctx.geometry = (list(x.shape), list(padding), tile)
-        out = _C.winograd_untile(pre.view(tile * tile, n, -1, pre.shape[2]), out_height, out_width)
-        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        tiles, weights_u = ctx.saved_tensors
-        sizes, padding, tile = ctx.geometry
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_pre = _C.winograd_tile_outputs(grad, tile)
-        grad_x, grad_w = _C.winograd_backward(grad_pre.view(grad_pre.shape[0], -1, grad_pre.shape[3]), tiles,
-                                              weights_u, sizes, padding, need_x, need_w)
-        return grad_x, grad_w, grad.sum((0, 2, 3)) if need_b else None, None, None
 
 
 class ReconstructionClip(nn.Module):

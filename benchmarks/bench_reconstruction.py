@@ -32,6 +32,13 @@ RECONSTRUCTIONS = {
     "layer-wise+float-inputs": dict(reconstruction="layer", quantized_inputs=False),
     "block+float-inputs": dict(reconstruction="block", quantized_inputs=False),
     "block+QDrop": dict(reconstruction="block", activation_drop=0.5),
+    # Block mode with the activations a block computes quantized while it learns (the default before
+    # inner_activations), and QDrop with learned steps with them float:
+    "block+quantized-inner": dict(reconstruction="block", inner_activations="quantized"),
+    "block+QDrop+steps+float-inner": dict(reconstruction="block", activation_drop=0.5, learn_activation_steps=True,
+                                          inner_activations="float"),
+    # Layer-wise without the loop's full-data (exact) mode, on minibatches as a block always is:
+    "layer-wise+minibatch": dict(reconstruction="layer", mode="minibatch"),
 }
 DEFAULT_COLUMNS = ("layer-wise", "block", "block+QDrop+steps")
 

@@ -238,7 +238,8 @@ def test_block_reconstruction_through_the_emulated_kernels(monkeypatch, size):
     from adaround_ext import blocks
 
     model, block, layers, inputs, targets = block_setup(size=size)
-    config = ae.QuantConfig(iterations=30, batch_size=8, warm_start=0.2, quantized_inputs=True, activation_bits=4)
+    config = ae.QuantConfig(iterations=30, batch_size=8, warm_start=0.2, quantized_inputs=True, activation_bits=4,
+                            reconstruction="block", inner_activations="quantized")
     emulated_steps = []
     step = blocks._Rounding.step
     monkeypatch.setattr(blocks._Rounding, "step", lambda self, *a: emulated_steps.append(_C.cuda_emulation())

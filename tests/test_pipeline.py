@@ -317,6 +317,11 @@ def test_checkpoint_directories_are_named_per_configuration():
     a4 = ae.QuantConfig(activation_bits=4)
     assert config_tag(a4) == config_tag(ae.QuantConfig(activation_bits=4, quantized_inputs=True))
     assert config_tag(a4) != config_tag(ae.QuantConfig(activation_bits=4, quantized_inputs=False))
+    block = dict(activation_bits=4, reconstruction="block")
+    assert config_tag(ae.QuantConfig(**block)) == config_tag(ae.QuantConfig(**block, inner_activations="float"))
+    assert config_tag(ae.QuantConfig(**block)) != config_tag(ae.QuantConfig(**block, inner_activations="quantized"))
+    qdrop = dict(block, activation_drop=0.5)
+    assert config_tag(ae.QuantConfig(**qdrop)) == config_tag(ae.QuantConfig(**qdrop, inner_activations="quantized"))
 
 
 def test_load_into_a_mismatched_model(w3_results, tmp_path):

@@ -470,7 +470,8 @@ def reconstruct_block(block_gm: fx.GraphModule, layers: List[BlockLayer], inputs
     """Learns the rounding of `layers` (the block's Conv/Linear layers, by their names in block_gm)
     against `targets` (the float block's output) on `inputs` (x^). With `activation_bits`, each layer's
     input quantizer is calibrated on the block's float activations (config.activation_range) and takes
-    part, with config.activation_drop and config.learn_activation_steps. Minibatch rows are drawn as
+    part, with config.activation_drop and config.learn_activation_steps (those of the values the block
+    computes only with config.inner_activations quantized). Minibatch rows are drawn as
     the per-layer loop draws them for `seed`."""
     with full_precision():
         return _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bits, progress)
@@ -498,9 +499,13 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
     for name, (_, geometry) in windows.items():
         soft_layers[name].geometry = geometry
     _set_weights(soft_layers, {n: s.soft for n, s in states.items()})
-    quantizers = {}
+    quantizers, kept_float = {}, set()
     if activation_bits is not None:
         quantizers = _calibrated_quantizers(block_gm, soft_layers, inputs, config, activation_bits, seed, device)
+        if not config.inner_activations_quantized:  # in the loop: the block input's quantizers only
+            kept_float = _reading_block_values(block_gm, soft_layers)
+            for name in kept_float:
+                soft_layers[name].input_quantizer = None
         _fuse_clamps(block_gm, soft_layers)
     block_gm.eval()  # the float block's own modules (dropout) as they computed the targets
     for quantizer in quantizers.values():
@@ -512,7 +517,7 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
     table = host_table.to(device)
     adam = _C.adam_constants
     rows_generator = torch.Generator().manual_seed(seed)  # the per-layer loop's rows for the same seed
-    scales = [q.scale for q in quantizers.values() if q.learn]
+    scales = [q.scale for name, q in quantizers.items() if q.learn and name not in kept_float]
     step_optimizer = torch.optim.Adam(scales, lr=config.activation_step_lr) if scales else None
     iterations, log_every = config.iterations, max(1, config.iterations // 100)
     curve = torch.zeros((iterations + log_every - 1) // log_every)
@@ -558,6 +563,7 @@ def _reconstruct(block_gm, layers, inputs, targets, config, seed, activation_bit
             raise ValueError(f"layer {name}: its rounding variables became NaN or Inf")
     for name, quantizer in quantizers.items():
         quantizer.eval()
+        soft_layers[name].input_quantizer = quantizer  # the errors below are the quantized model's
         if not math.isfinite(quantizer.scale.item()):
             raise ValueError(f"layer {name}: its learned activation step became NaN or Inf")
     hard = {name: s.hard() for name, s in states.items()}
@@ -644,6 +650,20 @@ def _calibrated_quantizers(block_gm, soft_layers, inputs, config, bits, seed, de
                                                    drop=config.activation_drop, generator=generator, device=device)
         soft_layers[name].input_quantizer = quantizers[name]
     return quantizers
+
+
+def _reading_block_values(block_gm: fx.GraphModule, soft_layers) -> set:
+    """The layers whose input the block computes from another of its layers' output (rather than
+    from the block's input alone)."""
+    downstream, readers = set(), set()  # nodes that depend on a layer's output
+    for node in block_gm.graph.nodes:
+        if any(arg in downstream for arg in node.all_input_nodes):
+            downstream.add(node)
+            if node.op == "call_module" and node.target in soft_layers:
+                readers.add(node.target)
+        if node.op == "call_module" and node.target in soft_layers:
+            downstream.add(node)
+    return readers
 
 
 def _clamp_bounds(node: fx.Node, block_gm: fx.GraphModule):

@@ -36,9 +36,11 @@ def _result_settings(config) -> bytes:
     # that resolve by other fields are hashed resolved (quantized_inputs=None is True or False).
     settings = {k: v for k, v in config.to_dict().items() if k not in ("progress", "device", "cuda_graph")}
     settings["quantized_inputs"] = config.inputs_quantized
+    del settings["inner_activations"]  # block-only: layer-wise runs resume across its introduction
     if config.reconstruction == "block":
         # Blocks saved before convolutions learned only their live taps (live_taps.py) do not resume.
         settings["block_taps"] = "live"
+        settings["inner_activations"] = config.inner_activations_quantized
     return json.dumps(settings, sort_keys=True).encode()
 
 

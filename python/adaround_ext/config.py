@@ -17,6 +17,7 @@ SCALE_METHODS = ("minmax", "mse")
 LOSS_ACTIVATIONS = ("auto", "none", "relu", "relu6")
 CACHE_PLACEMENTS = ("auto", "device", "host")
 RECONSTRUCTIONS = ("layer", "block")
+INNER_ACTIVATIONS = ("auto", "float", "quantized")
 
 
 def _loop_defaults() -> dict:
@@ -94,6 +95,13 @@ class QuantConfig:
     # at activation_step_lr, annealed to 0 by a cosine over the iterations.
     learn_activation_steps: bool = False
     activation_step_lr: float = 4e-5
+    # With activation quantizers in block reconstruction: whether the activations a block computes itself
+    # (the inputs of its layers that read another of its layers' output) are quantized while its
+    # rounding is learned ("quantized") or stay float ("float"; their quantizers, calibrated the same
+    # way, act at evaluation), the quantizers of the block's own input acting either way. "auto":
+    # "quantized" with activation_drop > 0 or learn_activation_steps, which act on those quantizers,
+    # else "float", which scored higher on resnet18 W2A4 (benchmarks/README.md).
+    inner_activations: str = "auto"
     mode: str = LOOP_DEFAULTS["mode"]  # minibatch, exact (full-data Gram, identity loss only) or auto
     num_samples: int = 1024
     # Where the per-layer caches live: "device" (with the weights), "host" (pinned CPU memory, streamed
@@ -119,7 +127,8 @@ class QuantConfig:
                 raise ValueError(f"{name} must be an integer from 2 to 8, got {bits!r}")
         choices = dict(rounding=ROUNDINGS, scale_method=SCALE_METHODS, loss_activation=LOSS_ACTIVATIONS,
                        cache_placement=CACHE_PLACEMENTS, activation_range=ACTIVATION_RANGES,
-                       activation_placement=ACTIVATION_PLACEMENTS, reconstruction=RECONSTRUCTIONS)
+                       activation_placement=ACTIVATION_PLACEMENTS, reconstruction=RECONSTRUCTIONS,
+                       inner_activations=INNER_ACTIVATIONS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -142,7 +151,8 @@ class QuantConfig:
             raise ValueError(f"reconstruction='block' learns each block's rounding; it needs rounding='adaround' "
                              f"(got {self.rounding!r})")
         block_only = dict(blocks=self.blocks is not None, activation_drop=self.activation_drop > 0,
-                          learn_activation_steps=self.learn_activation_steps)
+                          learn_activation_steps=self.learn_activation_steps,
+                          inner_activations=self.inner_activations != "auto")
         for name, given in block_only.items():
             if given and self.reconstruction != "block":
                 raise ValueError(f"{name} needs reconstruction='block' (got {self.reconstruction!r})")
@@ -178,6 +188,13 @@ class QuantConfig:
             return self.quantized_inputs
         return (self.activation_bits is not None and self.activation_bits <= QUANTIZED_INPUTS_MAX_BITS
                 and self.activation_placement == "inputs")
+
+    @property
+    def inner_activations_quantized(self) -> bool:
+        """inner_activations, its default ("auto") resolved."""
+        if self.inner_activations != "auto":
+            return self.inner_activations == "quantized"
+        return self.activation_drop > 0 or self.learn_activation_steps
 
     def loop_options(self) -> dict:
         """The optimize_layer options this configuration sets, by the op's names."""

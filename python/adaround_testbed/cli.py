@@ -14,7 +14,8 @@ import time
 import torch
 
 from adaround_ext.checkpoint import config_tag
-from adaround_ext.config import ACTIVATION_PLACEMENTS, ACTIVATION_RANGES, RECONSTRUCTIONS, QuantConfig
+from adaround_ext.config import (ACTIVATION_PLACEMENTS, ACTIVATION_RANGES, INNER_ACTIVATIONS, RECONSTRUCTIONS,
+                                 QuantConfig)
 from adaround_ext.encodings import export_aimet
 from adaround_ext.onnx_export import export_onnx
 from adaround_ext.plots import save_report_plot
@@ -92,6 +93,10 @@ def parse_args(argv=None):
                         "in float during reconstruction")
     p.add_argument("--learn-activation-steps", action="store_true",
                    help="with --reconstruction block: learn the activation step sizes with the rounding (LSQ)")
+    p.add_argument("--inner-activations", default=QuantConfig.inner_activations, choices=INNER_ACTIVATIONS,
+                   help="with --reconstruction block and activations in the reconstruction: the activations a "
+                        "block computes stay float or are quantized while its rounding is learned; auto: "
+                        "quantized with QDrop or learned steps, else float")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--cuda-graph", action="store_true", help="CUDA: replay each iteration from a CUDA graph")
     args = p.parse_args(argv)
@@ -133,7 +138,7 @@ def _setting_options(args, setting: str):
                    activation_placement=args.activation_placement,
                    cross_layer_equalization=_equalize(args.cross_layer_equalization, overrides),
                    reconstruction=args.reconstruction, activation_drop=args.activation_drop,
-                   learn_activation_steps=args.learn_activation_steps)
+                   learn_activation_steps=args.learn_activation_steps, inner_activations=args.inner_activations)
     if options["cross_layer_equalization"]:
         description += ", CLE"
     return description + _reconstruction_label(args), options
@@ -148,6 +153,8 @@ def _reconstruction_label(args) -> str:
         label += f", QDrop {args.activation_drop:g}"
     if args.learn_activation_steps:
         label += ", learned steps"
+    if args.inner_activations != "auto":
+        label += f", {args.inner_activations} inside"
     return label
 
 

@@ -40,7 +40,8 @@ def _result_settings(config) -> bytes:
     if config.reconstruction == "block":
         # Blocks saved before convolutions learned only their live taps (live_taps.py) do not resume.
         settings["block_taps"] = "live"
-        settings["inner_activations"] = config.inner_activations_quantized
+        if config.activations_in_reconstruction:  # without activation quantizers in the loop it changes nothing
+            settings["inner_activations"] = config.inner_activations_quantized
     return json.dumps(settings, sort_keys=True).encode()
 
 

@@ -619,6 +619,13 @@ def test_resume_in_the_middle_of_a_block_gives_the_identical_model(tmp_path, mon
     (dict(inner_activations="float"), ValueError, "inner_activations needs reconstruction='block'"),
     (dict(reconstruction="block", inner_activations="inside"), ValueError,
      "inner_activations must be one of auto, float, quantized"),
+    # Set where no activation quantizer acts while a block learns: it would be ignored.
+    (dict(reconstruction="block", activation_bits=8, inner_activations="float"), ValueError,
+     "inner_activations='float' needs activation quantizers in the reconstruction"),
+    (dict(reconstruction="block", activation_bits=None, inner_activations="quantized"), ValueError,
+     "inner_activations='quantized' needs activation quantizers"),
+    (dict(reconstruction="block", activation_bits=4, quantized_inputs=False, inner_activations="float"), ValueError,
+     "inner_activations='float' needs activation quantizers"),
     (dict(reconstruction="block", learn_activation_steps="yes"), TypeError,
      "QuantConfig.learn_activation_steps must be bool"),
 ])
@@ -669,7 +676,8 @@ def test_cli_block_options():
     args = parse_args(["--reconstruction", "block", "--inner-activations", "quantized", "--settings", "w2a4"])
     label, options = _setting_options(args, "w2a4")
     assert ae.QuantConfig(**options).inner_activations_quantized and label.endswith(", blocks, quantized inside")
-    for bad in (["--inner-activations", "float"], ["--reconstruction", "block", "--inner-activations", "inside"]):
+    for bad in (["--inner-activations", "float"], ["--reconstruction", "block", "--inner-activations", "inside"],
+                ["--reconstruction", "block", "--inner-activations", "float", "--settings", "w4a8"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 

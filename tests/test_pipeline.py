@@ -322,10 +322,10 @@ def test_checkpoint_directories_are_named_per_configuration():
     assert config_tag(ae.QuantConfig(**block)) != config_tag(ae.QuantConfig(**block, inner_activations="quantized"))
     qdrop = dict(block, activation_drop=0.5)
     assert config_tag(ae.QuantConfig(**qdrop)) == config_tag(ae.QuantConfig(**qdrop, inner_activations="quantized"))
-    # Without activation quantizers in the loop (A8, float inputs) it changes nothing, so it names nothing.
+    # Without activation quantizers in the loop (A8, float inputs) it cannot be set, and auto names nothing.
     a8 = dict(activation_bits=8, reconstruction="block")
     assert not ae.QuantConfig(**a8).activations_in_reconstruction
-    assert config_tag(ae.QuantConfig(**a8)) == config_tag(ae.QuantConfig(**a8, inner_activations="quantized"))
+    assert config_tag(ae.QuantConfig(**a8)) == config_tag(ae.QuantConfig(**a8, quantized_inputs=False))
 
 
 def test_load_into_a_mismatched_model(w3_results, tmp_path):

@@ -161,6 +161,13 @@ class QuantConfig:
                 raise ValueError(f"blocks must be a non-empty list of module names, got {self.blocks!r}")
             if len(set(self.blocks)) != len(self.blocks):
                 raise ValueError(f"blocks names a module twice: {list(self.blocks)!r}")
+        if self.inner_activations != "auto" and self.reconstruction == "block" and \
+                not self.activations_in_reconstruction:
+            # Without activation quantizers in the loop every activation is float while a block learns,
+            # so the choice would be ignored: refuse it rather than label a run with what it did not do.
+            raise ValueError(f"inner_activations={self.inner_activations!r} needs activation quantizers in the "
+                             "reconstruction (activation_bits with quantized_inputs, activation_drop > 0 or "
+                             "learn_activation_steps, and asymmetric_reconstruction=True); leave it 'auto'")
         if self.activation_drop > 0 or self.learn_activation_steps:
             if self.activation_bits is None:
                 raise ValueError("activation_drop and learn_activation_steps act on activation quantizers; they "

@@ -161,8 +161,7 @@ class QuantConfig:
                 raise ValueError(f"blocks must be a non-empty list of module names, got {self.blocks!r}")
             if len(set(self.blocks)) != len(self.blocks):
                 raise ValueError(f"blocks names a module twice: {list(self.blocks)!r}")
-        if self.inner_activations != "auto" and self.reconstruction == "block" and \
-                not self.activations_in_reconstruction:
+        if self.inner_activations != "auto" and not self.activations_in_reconstruction:  # block mode, checked above
             # Without activation quantizers in the loop every activation is float while a block learns,
             # so the choice would be ignored: refuse it rather than label a run with what it did not do.
             raise ValueError(f"inner_activations={self.inner_activations!r} needs activation quantizers in the "

@@ -54,6 +54,8 @@ def main():
                    "default: the setting's")
     p.add_argument("--first-last-bits", type=int, default=None,
                    help="bit width of the first and last layer (BRECQ and QDrop keep them at 8)")
+    p.add_argument("--asymmetric-weights", action="store_true",
+                   help="weight grids with a zero point (QuantConfig(symmetric=False)), as BRECQ and QDrop use")
     args = p.parse_args()
     model, calib, test, fp32 = testbed_model_and_data(args)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -65,6 +67,8 @@ def main():
             bits = None if args.activation_bits == "none" else int(args.activation_bits)
             overrides = dict(overrides, activation_bits=bits)
             description += f", activations {bits or 'float'}"
+        if args.asymmetric_weights:
+            overrides = dict(overrides, symmetric=False)
         common = dict(overrides, iterations=args.iterations, num_samples=args.samples, device="cpu", progress=False,
                       cross_layer_equalization=not overrides["per_channel"], first_layer_bits=args.first_last_bits,
                       last_layer_bits=args.first_last_bits)
@@ -84,7 +88,8 @@ def main():
         row.append(" / ".join(f"{seconds[c] / first:.2f}" for c in columns))
         rows.append(row)
     print(f"\n{args.arch}, {args.iterations} iterations per layer or block, {args.samples} calibration images, "
-          f"seeds {args.seeds}, {len(test[1])} test images, first/last layer bits {args.first_last_bits or 'as set'}; "
+          f"seeds {args.seeds}, {len(test[1])} test images, first/last layer bits {args.first_last_bits or 'as set'}, "
+          f"{'asymmetric' if args.asymmetric_weights else 'symmetric'} weight grids; "
           f"time: each column's mean over {columns[0]}'s")
     print_table(("setting", "FP32", "nearest", *columns, "time"), rows)
 

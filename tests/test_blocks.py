@@ -148,9 +148,9 @@ def test_named_blocks_and_their_errors():
 
 # ---- the learned rounding against plain PyTorch ------------------------------------------------
 
-def block_setup(dtype=torch.float64, bits=3, seed=0, size=8, variant=None):
-    """block1 of a TwoBlocks model with its cached inputs and float outputs, and its layers' grids;
-    variant(block1): another block1 in its place."""
+def block_setup(dtype=torch.float64, bits=3, seed=0, size=8, variant=None, symmetric=True):
+    """block1 of a TwoBlocks model with its cached inputs and float outputs, and its layers' grids
+    (symmetric=False: unsigned, with a zero point per channel); variant(block1): another block1 in its place."""
     model = two_blocks(seed)
     if variant is not None:
         model.block1 = variant(model.block1)
@@ -159,15 +159,26 @@ def block_setup(dtype=torch.float64, bits=3, seed=0, size=8, variant=None):
     with torch.no_grad():
         inputs = F.relu(model.stem(x))
         targets = model.block1(inputs)
-    n, p = ae.quant_range(bits)
+    n, p = ae.quant_range(bits, symmetric)
     layers = []
     for name in ("block1.conv1", "block1.conv2"):
         conv = model.get_submodule(name)
-        scale = conv.weight.detach().abs().amax(dim=(1, 2, 3)) / p * 0.9  # some weights clip
-        layers.append(BlockLayer(name, "conv2d", conv.weight.detach(), conv.bias.detach(),
-                                 dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1), scale, None, n, p, 0))
+        w = conv.weight.detach()
+        if symmetric:
+            scale, zero_point = w.abs().amax(dim=(1, 2, 3)) / p * 0.9, None  # some weights clip
+        else:
+            lo, hi = w.amin(dim=(1, 2, 3)), w.amax(dim=(1, 2, 3))
+            scale = (hi - lo) / (p - n) * 0.9
+            zero_point = torch.round(-lo / scale).clamp(n, p)
+        layers.append(BlockLayer(name, "conv2d", w, conv.bias.detach(),
+                                 dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1), scale, zero_point,
+                                 n, p, 0))
     block = find_blocks(model, trace(model), layer_names(model))[0]
     return model, block, layers, inputs, targets
+
+
+def zero_point_of(layer):
+    return 0 if layer.zero_point is None else layer.zero_point.view(-1, 1, 1, 1)
 
 
 def reference_rounding(model, layers, inputs, targets, config, seed, act_grids=None, drop_all=False):
@@ -187,8 +198,8 @@ def reference_rounding(model, layers, inputs, targets, config, seed, act_grids=N
 
     def soft_weight(layer, v):
         h = (torch.sigmoid(v) * 1.2 - 0.1).clamp(0, 1)
-        s = layer.scale.view(-1, 1, 1, 1)
-        return s * torch.clamp(torch.floor(layer.weight / s) + h, layer.quant_min, layer.quant_max), h
+        s, z = layer.scale.view(-1, 1, 1, 1), zero_point_of(layer)
+        return s * (torch.clamp(torch.floor(layer.weight / s) + z + h, layer.quant_min, layer.quant_max) - z), h
 
     def quantized(a, i):
         if act_grids is None or drop_all or act_grids[i] is None:
@@ -227,15 +238,17 @@ def recorded_steps(monkeypatch):
     return steps
 
 
-@pytest.mark.parametrize("activations, size", [("float", 8), ("quantized", 8), ("float", 1), ("quantized", 2),
-                                               ("input-quantized", 8), ("input-quantized", 2)])
-def test_block_rounding_equals_plain_pytorch_step_by_step(monkeypatch, activations, size):
+@pytest.mark.parametrize("activations, size, symmetric", [
+    ("float", 8, True), ("quantized", 8, True), ("float", 1, True), ("quantized", 2, True), ("input-quantized", 8, True),
+    ("input-quantized", 2, True), ("input-quantized", 8, False), ("float", 2, False)])
+def test_block_rounding_equals_plain_pytorch_step_by_step(monkeypatch, activations, size, symmetric):
     """On 1x1 maps the block's 3x3 convolutions learn their centre taps only (the others never see
     data); the codes of the others are the reference's too (its regulariser keeps them nearest).
     On 2x2 maps they run as matrix products over their unfolded inputs (SoftLayer). input-quantized:
     the block's input quantized while it learns, conv2's (a value the block computes) float, as
-    inner_activations="auto" resolves without QDrop or learned steps; both quantized at evaluation."""
-    model, block, layers, inputs, targets = block_setup(size=size)
+    inner_activations="auto" resolves without QDrop or learned steps; both quantized at evaluation.
+    symmetric=False: the weight grids have zero points."""
+    model, block, layers, inputs, targets = block_setup(size=size, symmetric=symmetric)
     inner = "quantized" if activations == "quantized" else "auto"
     config = ae.QuantConfig(iterations=12, batch_size=8, warm_start=0.25, activation_range="minmax",
                             quantized_inputs=activations != "float", activation_bits=4, reconstruction="block",
@@ -247,8 +260,8 @@ def test_block_rounding_equals_plain_pytorch_step_by_step(monkeypatch, activatio
                                activation_bits=bits)
     act_grids = None
     if bits:  # min/max of each conv's float input over the cache, the weights clipped to their grid
-        s = layers[0].scale.view(-1, 1, 1, 1)
-        clipped = s * torch.clamp(layers[0].weight / s, layers[0].quant_min, layers[0].quant_max)
+        s, z = layers[0].scale.view(-1, 1, 1, 1), zero_point_of(layers[0])
+        clipped = s * (torch.clamp(layers[0].weight / s + z, layers[0].quant_min, layers[0].quant_max) - z)
         hidden = F.relu(F.conv2d(inputs, clipped, layers[0].bias, padding=1))
         act_grids = [activation_grid(t.min().item(), t.max().item(), 4) for t in (inputs, hidden)]
         got = [result.input_grids[n] for n in ("block1.conv1", "block1.conv2")]
@@ -269,11 +282,11 @@ def test_block_rounding_equals_plain_pytorch_step_by_step(monkeypatch, activatio
     # The codes are the learned rounding of the last V.
     for layer, v in zip(layers, expected[-1]):
         h = (torch.sigmoid(v) * 1.2 - 0.1).clamp(0, 1)
-        codes = torch.clamp(torch.floor(layer.weight / layer.scale.view(-1, 1, 1, 1)) + (h >= 0.5).double(),
-                            layer.quant_min, layer.quant_max)
+        codes = torch.clamp(torch.floor(layer.weight / layer.scale.view(-1, 1, 1, 1)) + zero_point_of(layer)
+                            + (h >= 0.5).double(), layer.quant_min, layer.quant_max)
         assert torch.equal(result.codes[layer.name].double(), codes)
     # The block's error with the learned rounding is the quantized model's: every quantizer acts.
-    weights = [layer.scale.view(-1, 1, 1, 1) * result.codes[layer.name] for layer in layers]
+    weights = [layer.scale.view(-1, 1, 1, 1) * (result.codes[layer.name] - zero_point_of(layer)) for layer in layers]
     quantize = (lambda a, i: a) if act_grids is None else (
         lambda a, i: torch.fake_quantize_per_tensor_affine(a, *act_grids[i]))
     hidden = F.relu(F.conv2d(quantize(inputs, 0), weights[0], layers[0].bias, padding=1))
@@ -880,17 +893,18 @@ def test_block_mode_with_output_quantizers_and_per_tensor_grids(tmp_path):
 
 
 @needs_cuda
-@pytest.mark.parametrize("size", [8, 1])
-def test_block_reconstruction_on_cuda_matches_the_cpu(size):
+@pytest.mark.parametrize("size, symmetric", [(8, True), (1, True), (8, False)])
+def test_block_reconstruction_on_cuda_matches_the_cpu(size, symmetric):
     """The block loop on CUDA tensors (cuDNN, the CUDA step kernel; on 1x1 maps the live taps) learns
-    what it learns on the CPU."""
-    model, block, layers, inputs, targets = block_setup(dtype=torch.float32, size=size)
+    what it learns on the CPU, with and without weight zero points."""
+    model, block, layers, inputs, targets = block_setup(dtype=torch.float32, size=size, symmetric=symmetric)
     config = ae.QuantConfig(iterations=20, batch_size=8, reconstruction="block", quantized_inputs=True,
                             activation_bits=4, inner_activations="quantized")
     cpu = reconstruct_block(block_module(model, block), layers, inputs, targets, config, seed=1, activation_bits=4)
     gpu_model = copy.deepcopy(model).cuda()
-    gpu_layers = [BlockLayer(l.name, l.kind, l.weight.cuda(), l.bias.cuda(), l.geometry, l.scale.cuda(), None,
-                             l.quant_min, l.quant_max, l.axis) for l in layers]
+    gpu_layers = [BlockLayer(l.name, l.kind, l.weight.cuda(), l.bias.cuda(), l.geometry, l.scale.cuda(),
+                             None if l.zero_point is None else l.zero_point.cuda(), l.quant_min, l.quant_max, l.axis)
+                  for l in layers]
     gpu_block = find_blocks(gpu_model, trace(gpu_model), layer_names(gpu_model))[0]
     gpu = reconstruct_block(block_module(gpu_model, gpu_block), gpu_layers, inputs.cuda(), targets.cuda(), config,
                             seed=1, activation_bits=4)

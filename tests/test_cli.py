@@ -127,3 +127,22 @@ def test_imagenet_path_bad_input(image_folder, tmp_path):
         cli.main(["--arch", "resnet50", "--data", str(image_folder), "--weights", str(weights)])
     with pytest.raises(SystemExit):
         cli.main(["--settings", "w5"])
+
+
+def test_asymmetric_weights_flag_gives_zero_point_grids():
+    """--asymmetric-weights turns every setting's weight grids unsigned with zero points and says so in
+    the setting's label; without it the settings keep their symmetric grids."""
+    args = cli.parse_args(["--asymmetric-weights", "--settings", "w2a4,w4a8-paper"])
+    for setting in ("w2a4", "w4a8-paper"):
+        label, options = cli._setting_options(args, setting)
+        assert not ae.QuantConfig(**options, progress=False).symmetric and "asymmetric weights" in label
+    label, options = cli._setting_options(cli.parse_args(["--settings", "w2a4"]), "w2a4")
+    assert ae.QuantConfig(**options, progress=False).symmetric and "asymmetric" not in label
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    _, options = cli._setting_options(args, "w2a4")
+    options.update(iterations=2, num_samples=8, batch_size=4, device="cpu", progress=False)
+    q = ae.quantize(model, torch.randn(8, 3, 6, 6), ae.QuantConfig(**options))
+    layers = [m for m in q.modules() if isinstance(m, ae.QuantizedLayer)]
+    assert len(layers) == 2 and all((m.quant_min, m.quant_max) == (0, 3) and (m.zero_point > 0).all()
+                                    for m in layers)

@@ -227,17 +227,17 @@ def test_iteration_graph_of_the_emulation():
     assert x.tolist() == [2.0] * 3
 
 
-@pytest.mark.parametrize("size", [8, 1])
-def test_block_reconstruction_through_the_emulated_kernels(monkeypatch, size):
+@pytest.mark.parametrize("size, symmetric", [(8, True), (1, True), (8, False)])
+def test_block_reconstruction_through_the_emulated_kernels(monkeypatch, size, symmetric):
     """The block loop's device form: its rounding steps (the scheduled fused step, fed the schedule
     table's rows), soft weights and hard rounding run the CUDA kernels' code, emulated, and learn
     what the CPU kernels learn (float64: the same formulas, summed in other orders); on 1x1 maps
-    over the live taps only."""
+    over the live taps only; symmetric=False: weight grids with zero points."""
     from test_blocks import block_setup
 
     from adaround_ext import blocks
 
-    model, block, layers, inputs, targets = block_setup(size=size)
+    model, block, layers, inputs, targets = block_setup(size=size, symmetric=symmetric)
     config = ae.QuantConfig(iterations=30, batch_size=8, warm_start=0.2, quantized_inputs=True, activation_bits=4,
                             reconstruction="block", inner_activations="quantized")
     emulated_steps = []

@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=QuantConfig.batch_size)
     p.add_argument("--seeds", default="0", help="comma-separated seeds; the table gives mean and spread")
     p.add_argument("--first-last-bits", type=int, default=None, help="bit width of the first and last layer")
+    p.add_argument("--asymmetric-weights", action="store_true",
+                   help="weight grids with a zero point (unsigned codes) instead of the settings' symmetric ones")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="runs", help="where checkpoints, quantized models and reports go")
     p.add_argument("--model-checkpoint", default=None, help="Fashion-MNIST FP32 checkpoint (trained when missing)")
@@ -139,6 +141,9 @@ def _setting_options(args, setting: str):
                    cross_layer_equalization=_equalize(args.cross_layer_equalization, overrides),
                    reconstruction=args.reconstruction, activation_drop=args.activation_drop,
                    learn_activation_steps=args.learn_activation_steps, inner_activations=args.inner_activations)
+    if args.asymmetric_weights:
+        options["symmetric"] = False
+        description += ", asymmetric weights"
     if options["cross_layer_equalization"]:
         description += ", CLE"
     return description + _reconstruction_label(args), options
